@@ -1,0 +1,39 @@
+"""embedapi: an OpenAI-compatible embeddings and rerank server for Ruri v3, on Flask and Gunicorn."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from flask import Flask
+
+from .config import Settings
+
+__all__ = ["create_app"]
+__version__ = "0.1.0"
+
+
+def create_app(config: Mapping[str, Any] | None = None) -> Flask:
+    """Build the WSGI app. `config` overrides Settings fields (lower-case names, e.g. models_file).
+
+    Models load in this process as `load_models` says: `background` (default: /ready turns 200 when
+    done), `sync` (tests), or `off` (Gunicorn's post_fork hook loads them in each worker).
+    The factory itself never touches torch.
+    """
+    from .api import embeddings, handlers, health, models, rerank
+    from .api.common import AppState
+    from .registry import Registry
+
+    settings = Settings.from_env(**dict(config or {}))
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    registry = Registry(settings)
+    app.extensions["embedapi"] = AppState(settings, registry)
+    for blueprint in (embeddings.bp, rerank.bp, models.bp, health.bp):
+        app.register_blueprint(blueprint)
+    handlers.register(app)
+
+    if settings.load_models == "sync":
+        registry.load_all()
+    elif settings.load_models == "background":
+        registry.start_loading()
+    return app

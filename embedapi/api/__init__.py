@@ -1,0 +1,1 @@
+"""The HTTP layer: blueprints, schemas, error rendering. No torch here."""

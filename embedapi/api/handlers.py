@@ -1,0 +1,81 @@
+"""Error rendering (every error is the contract's JSON object), request ids and the access log."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+
+from flask import Flask, Response, g, request
+from werkzeug.exceptions import HTTPException, MethodNotAllowed as WzMethodNotAllowed, NotFound, \
+    RequestEntityTooLarge
+
+from ..errors import APIError, ClientGone, InvalidRequest, MethodNotAllowed, RequestTooLarge, RouteNotFound, \
+    ServerError
+from .common import json_response
+
+log = logging.getLogger("embedapi.access")
+error_log = logging.getLogger("embedapi.errors")
+
+
+def render(error: APIError) -> Response:
+    g.error_code = error.code or error.type
+    return json_response(error.body(), status=error.status, headers=error.headers)
+
+
+def _http_exception(exc: HTTPException) -> Response:
+    if isinstance(exc, NotFound):
+        return render(RouteNotFound(f"No route {request.method} {request.path}; see /openapi.json for the API"))
+    if isinstance(exc, WzMethodNotAllowed):
+        allowed = ", ".join(sorted(exc.valid_methods or []))
+        error = MethodNotAllowed(f"{request.method} is not allowed on {request.path}; use {allowed}",
+                                 headers={"Allow": allowed})
+        return render(error)
+    if isinstance(exc, RequestEntityTooLarge):
+        return render(RequestTooLarge("The request body is larger than this server accepts "
+                                      "(EMBEDAPI_MAX_BODY_BYTES); send fewer or shorter inputs per request"))
+    if exc.code and exc.code < 500:
+        return render(InvalidRequest(exc.description or exc.name, status=exc.code))
+    return _unexpected(exc)
+
+
+def _unexpected(exc: BaseException) -> Response:
+    error_log.error("unhandled error in %s %s (request %s)", request.method, request.path,
+                    g.get("request_id", "-"), exc_info=exc)
+    return render(ServerError(f"The server failed to process the request (request id {g.get('request_id', '-')}); "
+                              "it has been logged. Retry, and report the request id if it persists"))
+
+
+def _client_gone(exc: ClientGone) -> Response:
+    return render(InvalidRequest("the client closed the connection", status=499))
+
+
+def _timeout(exc: TimeoutError) -> Response:
+    return render(ServerError("The model did not answer in time (EMBEDAPI_REQUEST_TIMEOUT); retry with fewer inputs",
+                              status=503, code="timeout"))
+
+
+def _start() -> None:
+    g.started = time.perf_counter()
+    incoming = request.headers.get("X-Request-ID", "")
+    g.request_id = incoming[:128] if incoming and incoming.isprintable() else secrets.token_hex(16)
+
+
+def _finish(response: Response) -> Response:
+    response.headers["X-Request-ID"] = g.get("request_id", "")
+    seconds = time.perf_counter() - g.get("started", time.perf_counter())
+    log.info("%s %s %d %.1fms", request.method, request.path, response.status_code, seconds * 1000,
+             extra={"request_id": g.get("request_id"), "status": response.status_code, "method": request.method,
+                    "path": request.path, "duration_ms": round(seconds * 1000, 2),
+                    "model": g.get("model"), "items": g.get("items"), "tokens": g.get("tokens")})
+    return response
+
+
+def register(app: Flask) -> None:
+    app.register_error_handler(APIError, render)
+    app.register_error_handler(HTTPException, _http_exception)
+    app.register_error_handler(ClientGone, _client_gone)
+    app.register_error_handler(TimeoutError, _timeout)
+    app.register_error_handler(Exception, _unexpected)
+    app.before_request(_start)
+    app.after_request(_finish)

@@ -1,0 +1,175 @@
+"""The configured models of this process: lookup by id or alias, loading, warm-up, readiness."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from .config import ModelSpec, Settings
+from .engine import BatchObserver, Engine
+from .errors import InvalidRequest, ModelNotFound, ModelNotReady
+from .prompts import resolve_prompts
+from .tokenization import TextEncoder
+
+log = logging.getLogger(__name__)
+
+_WARMUP_TEXT = "名古屋大学で開発された日本語の埋め込みモデルです。"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to serve: its tokenizer view, its engine and what clients may ask about it."""
+
+    spec: ModelSpec
+    encoder: TextEncoder
+    engine: Engine
+    dimensions: int | None
+    device: str
+    dtype: str
+    load_seconds: float
+    activation: Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A configured model before (and after) loading: spec plus its resolved prompts."""
+
+    spec: ModelSpec
+    preset: str
+    prefixes: dict[str, str]
+
+
+class Registry:
+    """Holds this process's models. Nothing is ever loaded for a name that is not configured."""
+
+    def __init__(self, settings: Settings, observer: BatchObserver | None = None) -> None:
+        self.settings = settings
+        self.observer = observer
+        self.entries: dict[str, Entry] = {}
+        self._names: dict[str, str] = {}
+        for spec in settings.models:
+            preset, prefixes = resolve_prompts(spec.id, spec.prompts)
+            self.entries[spec.id] = Entry(spec, preset, prefixes)
+            for name in (spec.id, *spec.aliases):
+                self._names[name] = spec.id
+        self.models: dict[str, LoadedModel] = {}
+        self.state = "idle"  # idle | loading | ready | failed
+        self.error: str | None = None
+        self.device: str | None = None
+        self._lock = threading.Lock()
+        self._device_lock = threading.Lock()
+
+    # -- lookup ------------------------------------------------------------------------
+    def entry(self, name: str) -> Entry:
+        try:
+            return self.entries[self._names[name]]
+        except KeyError:
+            known = ", ".join(sorted(self._names)) or "none"
+            raise ModelNotFound(f"The model {name!r} does not exist on this server; configured models: {known}",
+                                param="model") from None
+
+    def get(self, name: str, kind: str) -> tuple[Entry, LoadedModel]:
+        """404 for an unknown name, 400 for the wrong kind, 503 until this worker has loaded it."""
+        entry = self.entry(name)
+        if entry.spec.kind != kind:
+            route = "/v1/embeddings" if entry.spec.kind == "embedding" else "/v1/rerank"
+            raise InvalidRequest(f"The model {name!r} is a {entry.spec.kind} model; send it to {route}",
+                                 param="model")
+        loaded = self.models.get(entry.spec.id)
+        if loaded is None:
+            why = f" (loading failed: {self.error})" if self.state == "failed" else "; retry shortly"
+            raise ModelNotReady(f"The model {name!r} is not loaded in this worker yet{why}",
+                                headers={"Retry-After": "5"})
+        return entry, loaded
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    # -- loading -----------------------------------------------------------------------
+    def start_loading(self, device: str | None = None, threads: int = 0) -> threading.Thread:
+        """Load every configured model in a background thread (the worker answers /ready 503 meanwhile)."""
+        thread = threading.Thread(target=self._load_logged, args=(device, threads), name="model-loader",
+                                  daemon=True)
+        thread.start()
+        return thread
+
+    def _load_logged(self, device: str | None, threads: int) -> None:
+        try:
+            self.load_all(device, threads)
+        except Exception:
+            log.exception("loading models failed; this worker will answer 503")
+
+    def load_all(self, device: str | None = None, threads: int = 0) -> None:
+        """Load and warm every configured model on `device` (default: EMBEDAPI_DEVICE) with `threads`
+        torch threads (default: EMBEDAPI_TORCH_THREADS, else torch's own choice)."""
+        from . import backend  # torch is imported only once models are really loaded
+
+        with self._lock:
+            if self.state in ("loading", "ready"):
+                return
+            self.state = "loading"
+        try:
+            self.device = backend.pick_device(device or self.settings.device)
+            backend.set_threads(threads or self.settings.torch_threads)
+            for entry in self.entries.values():
+                self.models[entry.spec.id] = self._load_one(backend, entry.spec, self.device)
+        except Exception as exc:
+            self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
+            raise
+        self.state = "ready"
+
+    def _load_one(self, backend: Any, spec: ModelSpec, device: str) -> LoadedModel:
+        started = time.monotonic()
+        log.info("loading %s model %s from %s on %s", spec.kind, spec.id, spec.source, device)
+        model = backend.load(spec, device)
+        dtype = backend.pick_dtype(spec.dtype, device)
+        runner = backend.TorchRunner(model, device, dtype, spec.kind)
+        encoder = TextEncoder(model.tokenizer, runner.max_seq_length)
+        s = self.settings
+        engine = Engine(spec.id, runner, max_batch_tokens=s.max_batch_tokens, max_batch_size=s.max_batch_size,
+                        batch_wait_ms=s.batch_wait_ms, max_queue_tokens=s.max_queue_tokens, batching=s.batching,
+                        observer=self.observer, device_lock=self._device_lock)
+        dims = None
+        if spec.kind == "embedding":
+            warm = encoder.single(encoder.ids([_WARMUP_TEXT])[0])
+            dims = int(engine.submit([warm]).wait(600).shape[1])
+        else:
+            q, d = encoder.ids([_WARMUP_TEXT, _WARMUP_TEXT])
+            engine.submit([encoder.pair(q, d)]).wait(600)
+        seconds = time.monotonic() - started
+        log.info("loaded %s in %.1fs (dtype %s, max_seq_length %d)", spec.id, seconds,
+                 backend.dtype_name(dtype), encoder.max_seq_length)
+        return LoadedModel(spec, encoder, engine, dims, device, backend.dtype_name(dtype), seconds,
+                           backend.activation(model))
+
+    def shutdown(self, drain: bool = True) -> None:
+        """Stop every engine; with `drain`, queued work is finished first."""
+        for model in self.models.values():
+            model.engine.stop(drain=drain)
+
+    # -- description -------------------------------------------------------------------
+    def describe(self) -> list[dict[str, Any]]:
+        """What /v1/models tells a client about each configured model."""
+        out = []
+        for entry in self.entries.values():
+            spec, loaded = entry.spec, self.models.get(entry.spec.id)
+            out.append({
+                "id": spec.id, "object": "model", "created": 0, "owned_by": "embedapi",
+                "kind": spec.kind,
+                "dimensions": loaded.dimensions if loaded else None,
+                "matryoshka_dimensions": list(spec.matryoshka_dimensions),
+                "max_tokens": loaded.encoder.max_seq_length if loaded else spec.max_seq_length,
+                "prompt_preset": entry.preset if spec.kind == "embedding" else None,
+                "prompts": entry.prefixes if spec.kind == "embedding" else None,
+                "aliases": list(spec.aliases),
+                "ready": loaded is not None,
+                "device": loaded.device if loaded else None,
+                "dtype": loaded.dtype if loaded else None,
+            })
+        return out

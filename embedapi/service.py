@@ -1,0 +1,117 @@
+"""Request semantics between HTTP and engine: prefixes, one tokenization, truncation, usage, limits.
+
+Takes validated request dicts (see api/schemas.py), returns plain dicts holding numpy rows;
+knows neither Flask nor torch.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+from typing import Any, Callable
+
+import numpy as np
+
+from .config import Settings
+from .errors import InvalidRequest
+from .prompts import choose_prefix, with_prefix
+from .registry import Registry
+
+Gone = Callable[[], bool] | None
+
+
+def _check_count(n: int, limit: int, param: str) -> None:
+    if n > limit:
+        raise InvalidRequest(f"'{param}' has {n} items; at most {limit} are accepted per request, "
+                             "split it into several requests", param=param)
+
+
+def _check_chars(texts: list[str], limit: int, param: str) -> None:
+    for i, text in enumerate(texts):
+        if len(text) > limit:
+            raise InvalidRequest(f"{param}[{i}] has {len(text)} characters; at most {limit} are accepted "
+                                 "(the model reads only its first max_tokens tokens anyway)", param=param)
+
+
+def _unit(rows: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    return rows / np.maximum(norms, 1e-12)
+
+
+def embed(registry: Registry, settings: Settings, req: dict[str, Any], gone: Gone = None) -> dict[str, Any]:
+    """OpenAI embeddings (+ the seed's extensions) → response dict with numpy rows or base64 strings."""
+    texts: list[str] = req["input"]
+    _check_count(len(texts), settings.max_inputs, "input")
+    _check_chars(texts, settings.max_text_chars, "input")
+    entry, model = registry.get(req["model"], "embedding")
+    spec = entry.spec
+
+    dims = req.get("dimensions")
+    if dims is not None and dims != model.dimensions and dims not in spec.matryoshka_dimensions:
+        allowed = sorted({model.dimensions, *spec.matryoshka_dimensions})
+        raise InvalidRequest(f"dimensions={dims} is not available for {req['model']}; use one of {allowed}",
+                             param="dimensions")
+
+    prefix = choose_prefix(entry.prefixes, spec.instruction_template, input_type=req.get("input_type"),
+                           instruction=req.get("instruction"), apply_ruri_prefix=req.get("apply_ruri_prefix", False),
+                           input_is_string=req.get("input_is_string", False))
+    encoder = model.encoder
+    seqs = []
+    for i, ids in enumerate(encoder.ids([with_prefix(prefix, t) for t in texts])):
+        seq = encoder.single(ids, truncate=req.get("truncate", True))
+        if seq is None:
+            raise InvalidRequest(
+                f"input[{i}] is {len(ids) + encoder.template.single_overhead} tokens long, over the model's "
+                f"{encoder.max_seq_length}; shorten it or send \"truncate\": true to cut its tail", param="input")
+        seqs.append(seq)
+    tokens = sum(len(s) for s in seqs)
+
+    rows = model.engine.submit(seqs).wait(settings.request_timeout_s, gone)
+    if dims is not None and dims != rows.shape[1]:
+        rows = rows[:, :dims]
+    normalize = req.get("normalize")
+    if spec.normalize if normalize is None else normalize:
+        rows = _unit(rows)
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+
+    if req.get("encoding_format") == "base64":
+        vectors: list[Any] = [base64.b64encode(row.astype("<f4", copy=False).tobytes()).decode("ascii")
+                              for row in rows]
+    else:
+        vectors = list(rows)
+    return {
+        "object": "list",
+        "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
+        "model": req["model"],
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
+
+
+def rerank(registry: Registry, settings: Settings, req: dict[str, Any], gone: Gone = None) -> dict[str, Any]:
+    """Score (query, document) pairs; results sorted by score, ties by index, cut to top_n."""
+    docs: list[str] = req["documents"]
+    _check_count(len(docs), settings.max_documents, "documents")
+    _check_chars([req["query"]], settings.max_text_chars, "query")
+    _check_chars(docs, settings.max_text_chars, "documents")
+    entry, model = registry.get(req["model"], "rerank")
+    encoder = model.encoder
+
+    query_ids, *doc_ids = encoder.ids([req["query"], *docs])
+    cap = req.get("max_tokens_per_doc")
+    seqs = [encoder.pair(query_ids, d[:cap] if cap else d) for d in doc_ids]
+    tokens = sum(len(s) for s in seqs)
+
+    logits = model.engine.submit(seqs).wait(settings.request_timeout_s, gone)
+    scores = logits if req.get("raw_scores") else model.activation(logits)
+    order = np.lexsort((np.arange(len(docs)), -scores))
+    top_n = req.get("top_n")
+    if top_n is not None:
+        order = order[:top_n]
+    results = []
+    for i in order:
+        item: dict[str, Any] = {"index": int(i), "relevance_score": float(scores[i])}
+        if req.get("return_documents"):
+            item["document"] = {"text": docs[i]}
+        results.append(item)
+    return {"id": f"rerank-{secrets.token_hex(12)}", "model": req["model"], "query": req["query"],
+            "results": results, "data": results, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}

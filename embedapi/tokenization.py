@@ -1,0 +1,108 @@
+"""Tokenize once: the same ids serve truncation, usage counting and the forward pass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from tokenizers import Tokenizer
+
+_PROBE_A = "テスト"
+_PROBE_B = "サンプル"
+
+
+def _find(haystack: list[int], needle: list[int], start: int = 0) -> int:
+    for i in range(start, len(haystack) - len(needle) + 1):
+        if haystack[i:i + len(needle)] == needle:
+            return i
+    raise ValueError("the tokenizer's special-token template could not be worked out")
+
+
+class PairIds(list):
+    """A (query, document) id sequence; `first_len` marks where the second segment starts."""
+
+    first_len: int = 0
+
+
+@dataclass(frozen=True)
+class TokenTemplate:
+    """The special tokens a tokenizer wraps around one text, or around a pair.
+
+    Worked out once per model by comparing ids with and without special tokens, so it holds
+    for any tokenizer (Ruri v3: `<s> A </s>` and `<s> A </s> <s> B </s>`).
+    """
+
+    head: tuple[int, ...]
+    tail: tuple[int, ...]
+    pair_head: tuple[int, ...]
+    pair_mid: tuple[int, ...]
+    pair_tail: tuple[int, ...]
+
+    @classmethod
+    def probe(cls, tokenizer: Any) -> "TokenTemplate":
+        a = tokenizer(_PROBE_A, add_special_tokens=False)["input_ids"]
+        b = tokenizer(_PROBE_B, add_special_tokens=False)["input_ids"]
+        single = tokenizer(_PROBE_A)["input_ids"]
+        i = _find(single, a)
+        pair = tokenizer(_PROBE_A, _PROBE_B)["input_ids"]
+        j = _find(pair, a)
+        k = _find(pair, b, j + len(a))
+        return cls(head=tuple(single[:i]), tail=tuple(single[i + len(a):]),
+                   pair_head=tuple(pair[:j]), pair_mid=tuple(pair[j + len(a):k]),
+                   pair_tail=tuple(pair[k + len(b):]))
+
+    @property
+    def single_overhead(self) -> int:
+        return len(self.head) + len(self.tail)
+
+    @property
+    def pair_overhead(self) -> int:
+        return len(self.pair_head) + len(self.pair_mid) + len(self.pair_tail)
+
+
+class TextEncoder:
+    """A model's tokenizer reduced to what the server needs: bare ids, then templates and cuts."""
+
+    def __init__(self, tokenizer: Any, max_seq_length: int) -> None:
+        self.template = TokenTemplate.probe(tokenizer)
+        self.max_seq_length = max_seq_length
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            # A private copy with truncation and padding off: they are ours to do, on ids.
+            self._backend: Tokenizer | None = Tokenizer.from_str(backend.to_str())
+            self._backend.no_truncation()
+            self._backend.no_padding()
+        else:
+            self._backend = None
+        self._tokenizer = tokenizer
+
+    def ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Bare token ids (no special tokens) of each text, in one batched call."""
+        if self._backend is not None:
+            return [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=False)]
+        return self._tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+    def single(self, ids: Sequence[int], truncate: bool = True) -> list[int] | None:
+        """Wrap one text's ids in the template, cutting the tail to fit; None if too long and not truncating.
+
+        The prefix is at the head of the ids, so cutting the tail keeps it.
+        """
+        budget = self.max_seq_length - self.template.single_overhead
+        if len(ids) > budget:
+            if not truncate:
+                return None
+            ids = ids[:budget]
+        return [*self.template.head, *ids, *self.template.tail]
+
+    def pair(self, query: Sequence[int], doc: Sequence[int]) -> PairIds:
+        """Wrap (query, document) ids; the document's tail goes first, the query is cut only past half."""
+        budget = self.max_seq_length - self.template.pair_overhead
+        if len(query) + len(doc) > budget:
+            q_keep = min(len(query), max(budget - len(doc), budget // 2))
+            query = query[:q_keep]
+            doc = doc[:budget - q_keep]
+        t = self.template
+        ids = PairIds([*t.pair_head, *query, *t.pair_mid, *doc, *t.pair_tail])
+        ids.first_len = len(t.pair_head) + len(query) + len(t.pair_mid)
+        return ids
