@@ -1,0 +1,103 @@
+"""Session fixtures: small Ruri-shaped models built at test time, the app, a live Gunicorn server."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from embedapi import create_app  # noqa: E402
+
+from .server import GunicornServer  # noqa: E402
+from .synthetic_models import build_test_models  # noqa: E402
+
+EMBED = "test/ruri-v3-tiny"
+EMBED_SHORT = "test/ruri-v3-tiny-short"
+INSTRUCT = "test/instruct-tiny"
+RERANK = "test/ruri-v3-reranker-tiny"
+EMBED_ALIAS = "text-embedding-3-small"
+SHORT_MAX = 16
+
+
+def models_toml(dirs: dict[str, Path]) -> str:
+    return f"""
+[[models]]
+id = "{EMBED}"
+source = "{dirs['embed']}"
+kind = "embedding"
+dtype = "float32"
+aliases = ["{EMBED_ALIAS}"]
+matryoshka_dimensions = [32, 16]
+
+[[models]]
+id = "{EMBED_SHORT}"
+source = "{dirs['embed-short']}"
+dtype = "float32"
+max_seq_length = {SHORT_MAX}
+
+[[models]]
+id = "{INSTRUCT}"
+source = "{dirs['embed']}"
+dtype = "float32"
+prompts = "none"
+instruction_template = "Instruct: {{instruction}}\\nQuery: "
+
+[[models]]
+id = "{RERANK}"
+source = "{dirs['rerank']}"
+kind = "rerank"
+dtype = "float32"
+"""
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return build_test_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def models_file(model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("config") / "models.toml"
+    path.write_text(models_toml(model_dirs), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def app(models_file: Path):
+    app = create_app({"models_file": str(models_file), "load_models": "sync", "api_keys": (),
+                      "max_inputs": 64, "max_documents": 32, "max_text_chars": 5000,
+                      "max_body_bytes": 256 * 1024})
+    app.config["TESTING"] = True
+    yield app
+    app.extensions["embedapi"].registry.shutdown()
+
+
+@pytest.fixture(scope="session")
+def st_model(model_dirs: dict[str, Path]):
+    from sentence_transformers import SentenceTransformer
+    return SentenceTransformer(str(model_dirs["embed"]), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def st_short(model_dirs: dict[str, Path]):
+    from sentence_transformers import SentenceTransformer
+    return SentenceTransformer(str(model_dirs["embed-short"]), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def ce_model(model_dirs: dict[str, Path]):
+    from sentence_transformers import CrossEncoder
+    return CrossEncoder(str(model_dirs["rerank"]), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def gunicorn_server(models_file: Path):
+    """Two workers on loopback with the small models; shared by the live-server tests."""
+    server = GunicornServer(models_file, workers=2).start()
+    yield server
+    server.stop()
