@@ -6,6 +6,7 @@ from typing import Any, Mapping
 
 from flask import Flask
 
+from . import logs
 from .config import Settings
 
 __all__ = ["create_app"]
@@ -24,6 +25,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     from .registry import Registry
 
     settings = Settings.from_env(**dict(config or {}))
+    logs.configure(settings.log_format, settings.log_level)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     registry = Registry(settings)

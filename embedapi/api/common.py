@@ -104,5 +104,6 @@ def client_gone() -> Callable[[], bool] | None:
     return gone
 
 
-def request_id() -> str:
-    return g.get("request_id", "")
+def note(model: str, items: int, tokens: int) -> None:
+    """What the access log line says of this request (never its texts)."""
+    g.model, g.items, g.tokens = model, items, tokens

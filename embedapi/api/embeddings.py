@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, Response
 
 from .. import service
-from .common import client_gone, json_response, load, read_json, require_api_key, state
+from .common import client_gone, json_response, load, note, read_json, require_api_key, state
 from .schemas import EmbeddingsRequest
 
 bp = Blueprint("embeddings", __name__)
@@ -20,4 +20,6 @@ def create_embeddings() -> Response:
     req = load(_schema, body)
     req["input_is_string"] = isinstance(body.get("input"), str)
     st = state()
-    return json_response(service.embed(st.registry, st.settings, req, gone=client_gone()))
+    out = service.embed(st.registry, st.settings, req, gone=client_gone())
+    note(req["model"], len(req["input"]), out["usage"]["total_tokens"])
+    return json_response(out)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, Response
 
 from .. import service
-from .common import client_gone, json_response, load, read_json, require_api_key, state
+from .common import client_gone, json_response, load, note, read_json, require_api_key, state
 from .schemas import RerankRequest, RerankV2Request
 
 bp = Blueprint("rerank", __name__)
@@ -18,19 +18,23 @@ _v2 = RerankV2Request()
 @bp.post("/rerank")
 def rerank_v1() -> Response:
     req = load(_v1, read_json())
-    st = state()
-    return json_response(service.rerank(st.registry, st.settings, req, gone=client_gone()))
+    return json_response(_rerank(req))
 
 
 @bp.post("/v2/rerank")
 def rerank_v2() -> Response:
     req = load(_v2, read_json())
-    st = state()
-    out = service.rerank(st.registry, st.settings, req, gone=client_gone())
-    results = [{k: v for k, v in r.items() if k != "document" or req["return_documents"]} for r in out["results"]]
+    out = _rerank(req)
     return json_response({
         "id": out["id"],
-        "results": results,
+        "results": out["results"],
         "meta": {"api_version": {"version": "2"}, "billed_units": {"search_units": 1},
                  "tokens": {"input_tokens": out["usage"]["total_tokens"], "output_tokens": 0}},
     })
+
+
+def _rerank(req: dict) -> dict:
+    st = state()
+    out = service.rerank(st.registry, st.settings, req, gone=client_gone())
+    note(req["model"], len(req["documents"]), out["usage"]["total_tokens"])
+    return out

@@ -1,0 +1,45 @@
+"""Logging: one line per request (text or JSON), never the request's texts."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+_FIELDS = ("request_id", "method", "path", "status", "duration_ms", "model", "items", "tokens")
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
+               "pid": record.process, "message": record.getMessage()}
+        out.update({k: getattr(record, k) for k in _FIELDS if getattr(record, k, None) is not None})
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extras = " ".join(f"{k}={getattr(record, k)}" for k in _FIELDS[3:]
+                          if getattr(record, k, None) is not None and k not in ("status",))
+        rid = getattr(record, "request_id", None)
+        return f"{line} {extras} rid={rid}".rstrip() if rid else line
+
+
+def configure(log_format: str = "text", level: str = "INFO") -> None:
+    """Give the `embedapi` loggers one stderr handler (idempotent)."""
+    logger = logging.getLogger("embedapi")
+    logger.setLevel(level)
+    if not any(getattr(h, "_embedapi", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler._embedapi = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+        logger.propagate = False
+    for h in logger.handlers:
+        if getattr(h, "_embedapi", False):
+            h.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
