@@ -4,12 +4,24 @@ The master may preload the app (cheap: the factory loads no model) but never ini
 or holds weights: each worker loads its models in `post_fork`, on its own device slot.
 """
 
+import glob
 import os
 import shutil
 import subprocess
+import tempfile
 
 # The master does not load models; post_fork starts loading in each worker.
 os.environ.setdefault("EMBEDAPI_LOAD_MODELS", "off")
+
+# Prometheus multiprocess mode: prometheus_client picks file-backed values when this variable is set
+# at its import, so it is set here, before the app (preloaded in the master) imports it. Every
+# worker writes its metrics there and a scrape of any worker sums them all. Default: a fresh
+# private directory, removed when the master exits.
+# (The ownership mark survives a SIGHUP, which re-reads this file with the variable already set.)
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="embedapi-metrics-")
+    os.environ["EMBEDAPI_OWNS_METRICS_DIR"] = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
 
 
 def _gpu_count() -> int:
@@ -42,11 +54,30 @@ threads = int(os.environ.get("EMBEDAPI_THREADS") or 64)
 # Model loading happens in a background thread of the worker, so the worker heartbeats meanwhile;
 # the timeout only has to cover a long forward pass holding the worker's request threads.
 timeout = int(os.environ.get("EMBEDAPI_WORKER_TIMEOUT") or 300)
+# Graceful shutdown. SIGTERM to the master: listeners close, each worker stops accepting, finishes every
+# request it has accepted (and worker_exit drains the engines), then exits; a worker still busy after
+# graceful_timeout seconds is killed. Give the container runtime more than this (compose: 75 s).
 graceful_timeout = int(os.environ.get("EMBEDAPI_GRACEFUL_TIMEOUT") or 60)
 keepalive = 75  # longer than common load balancers' idle timeouts
 preload_app = os.environ.get("EMBEDAPI_PRELOAD", "true").lower() in ("1", "true", "yes")
 accesslog = None  # embedapi logs one line per request itself
 loglevel = os.environ.get("EMBEDAPI_LOG_LEVEL", "info").lower()
+
+
+def on_starting(server):
+    """In the master, once: drop metric files a previous run left in PROMETHEUS_MULTIPROC_DIR (their
+    pids are gone, and counters would otherwise start from the old totals)."""
+    stale = glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "*.db"))
+    for path in stale:
+        os.remove(path)
+    server.log.info("metrics: multiprocess directory %s (%d stale files removed)",
+                    os.environ["PROMETHEUS_MULTIPROC_DIR"], len(stale))
+
+
+def on_exit(server):
+    """In the master, at the very end: remove the metrics directory if this config created it."""
+    if os.environ.get("EMBEDAPI_OWNS_METRICS_DIR") == os.environ["PROMETHEUS_MULTIPROC_DIR"]:
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
 
 
 def pre_fork(server, worker):
@@ -69,7 +100,10 @@ def post_fork(server, worker):
 
 def child_exit(server, worker):
     """In the master, when a worker has exited: its device slot is free again (WORKERS no longer
-    lists it); its metrics files are marked dead."""
+    lists it); its live gauges (queue depth, models loaded) leave the metrics, its counters stay."""
+    from prometheus_client import multiprocess  # the environment variable is set by now
+
+    multiprocess.mark_process_dead(worker.pid)
 
 
 def worker_exit(server, worker):

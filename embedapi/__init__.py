@@ -20,17 +20,20 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     done), `sync` (tests), or `off` (Gunicorn's post_fork hook loads them in each worker).
     The factory itself never touches torch.
     """
-    from .api import embeddings, handlers, health, models, rerank
+    from .api import embeddings, handlers, health, metrics as metrics_api, models, openapi, rerank
     from .api.common import AppState
+    from .metrics import Metrics
     from .registry import Registry
 
     settings = Settings.from_env(**dict(config or {}))
     logs.configure(settings.log_format, settings.log_level)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    registry = Registry(settings)
+    metrics = Metrics()
+    registry = Registry(settings, observer=metrics)
     app.extensions["embedapi"] = AppState(settings, registry)
-    for blueprint in (embeddings.bp, rerank.bp, models.bp, health.bp):
+    app.extensions["embedapi.metrics"] = metrics
+    for blueprint in (embeddings.bp, rerank.bp, models.bp, health.bp, metrics_api.bp, openapi.bp):
         app.register_blueprint(blueprint)
     handlers.register(app)
 

@@ -145,6 +145,9 @@ class Registry:
         seconds = time.monotonic() - started
         log.info("loaded %s in %.1fs (dtype %s, max_seq_length %d)", spec.id, seconds,
                  backend.dtype_name(dtype), encoder.max_seq_length)
+        loaded_hook = getattr(self.observer, "model_loaded", None)  # metrics: load seconds, models per worker
+        if loaded_hook is not None:
+            loaded_hook(spec.id, spec.kind, device, seconds)
         return LoadedModel(spec, encoder, engine, dims, device, backend.dtype_name(dtype), seconds,
                            backend.activation(model))
 

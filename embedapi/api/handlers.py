@@ -6,7 +6,7 @@ import logging
 import secrets
 import time
 
-from flask import Flask, Response, g, request
+from flask import Flask, Response, current_app, g, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed as WzMethodNotAllowed, NotFound, \
     RequestEntityTooLarge
 
@@ -64,6 +64,11 @@ def _start() -> None:
 def _finish(response: Response) -> Response:
     response.headers["X-Request-ID"] = g.get("request_id", "")
     seconds = time.perf_counter() - g.get("started", time.perf_counter())
+    metrics = current_app.extensions.get("embedapi.metrics")
+    if metrics is not None:
+        # The URL rule, never the raw path: unknown paths must not create a series each.
+        route = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
+        metrics.request_done(route, request.method, response.status_code, seconds)
     log.info("%s %s %d %.1fms", request.method, request.path, response.status_code, seconds * 1000,
              extra={"request_id": g.get("request_id"), "status": response.status_code, "method": request.method,
                     "path": request.path, "duration_ms": round(seconds * 1000, 2),

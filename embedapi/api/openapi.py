@@ -1,0 +1,339 @@
+"""GET /openapi.json (OpenAPI 3.0, generated from the marshmallow schemas) and GET /docs (a Redoc page).
+
+The request schemas in `schemas.py` are what validates requests, so the document cannot drift from
+them: apispec's MarshmallowPlugin converts them, and this module adds only what a schema cannot say
+(the two custom fields' JSON shapes, this server's configured limits, the routes and their status
+codes). Every rule in the app's url_map is documented; `OPERATIONS` describes each endpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from apispec import APISpec
+from apispec.ext.marshmallow import MarshmallowPlugin
+from flask import Blueprint, Flask, Response, current_app
+from marshmallow import Schema, fields
+
+from .. import __version__
+from ..config import Settings
+from . import schemas
+from .common import json_response
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("openapi", __name__)
+
+OPENAPI_VERSION = "3.0.3"
+
+
+# -- response schemas not in schemas.py (documentation only; the routes build plain dicts) ----------
+class ModelInfo(Schema):
+    id = fields.String(required=True)
+    object = fields.String(required=True, metadata={"example": "model"})
+    created = fields.Integer(required=True)
+    owned_by = fields.String(required=True)
+    kind = fields.String(required=True, metadata={"enum": ["embedding", "rerank"]})
+    dimensions = fields.Integer(required=True, allow_none=True,
+                                metadata={"description": "embedding size; null for rerank models and until loaded"})
+    matryoshka_dimensions = fields.List(fields.Integer(), required=True,
+                                        metadata={"description": "smaller `dimensions` values this model accepts"})
+    max_tokens = fields.Integer(required=True, allow_none=True,
+                                metadata={"description": "max_seq_length: longer inputs are cut (or 400 with truncate=false)"})
+    prompt_preset = fields.String(required=True, allow_none=True,
+                                  metadata={"description": "ruri-v3, ruri-v1, e5, none or custom; null for rerank"})
+    prompts = fields.Dict(keys=fields.String(), values=fields.String(), required=True, allow_none=True,
+                          metadata={"description": "input_type -> prefix; null for rerank"})
+    aliases = fields.List(fields.String(), required=True)
+    ready = fields.Boolean(required=True, metadata={"description": "loaded and warmed in the worker that answered"})
+    device = fields.String(required=True, allow_none=True, metadata={"description": "this worker's device"})
+    dtype = fields.String(required=True, allow_none=True, metadata={"description": "this worker's dtype"})
+
+
+class ModelList(Schema):
+    object = fields.String(required=True, metadata={"example": "list"})
+    data = fields.List(fields.Nested(ModelInfo), required=True)
+
+
+class RerankV2Result(Schema):
+    index = fields.Integer(required=True)
+    relevance_score = fields.Float(required=True)
+    document = fields.Nested(schemas.RerankDocumentOut, metadata={"description": "only with return_documents"})
+
+
+class ApiVersion(Schema):
+    version = fields.String()
+
+
+class BilledUnits(Schema):
+    search_units = fields.Integer()
+
+
+class V2Tokens(Schema):
+    input_tokens = fields.Integer()
+    output_tokens = fields.Integer()
+
+
+class RerankV2Meta(Schema):
+    api_version = fields.Nested(ApiVersion)
+    billed_units = fields.Nested(BilledUnits)
+    tokens = fields.Nested(V2Tokens)
+
+
+class RerankV2Response(Schema):
+    id = fields.String(required=True)
+    results = fields.List(fields.Nested(RerankV2Result), required=True)
+    meta = fields.Nested(RerankV2Meta, required=True)
+
+
+class Health(Schema):
+    status = fields.String(required=True, metadata={"enum": ["ok", "failed"]})
+    pid = fields.Integer(required=True)
+    error = fields.String(metadata={"description": "only when model loading failed"})
+
+
+class Ready(Schema):
+    status = fields.String(required=True, metadata={"description": "ready, or idle / loading / failed"})
+    pid = fields.Integer(required=True)
+    models = fields.Dict(keys=fields.String(), values=fields.Boolean(), required=True,
+                         metadata={"description": "model id -> loaded in this worker"})
+
+
+# -- operations -----------------------------------------------------------------------------------
+ERRORS: dict[int, str] = {
+    400: "Invalid request (`invalid_request_error`; `param` names the field)",
+    401: "Missing or wrong API key (`invalid_api_key`); only when keys are configured",
+    404: "Unknown model (`model_not_found`)",
+    413: "Body larger than EMBEDAPI_MAX_BODY_BYTES (`request_too_large`)",
+    429: "The worker's queue is full (`rate_limit_error` / `queue_full`); retry after `Retry-After` seconds",
+    500: "Unexpected error (`server_error`); the log has the trace under the request id",
+    503: "Models not loaded yet in this worker (`model_not_ready`) or no answer in time (`timeout`)",
+}
+_RETRY = {429, 503}
+_MODEL_ERRORS = (400, 401, 404, 413, 429, 500, 503)
+
+
+@dataclass(frozen=True)
+class Operation:
+    summary: str
+    tag: str
+    ok: str | None = None  # response schema name; None: see `content`
+    content: dict[str, Any] = field(default_factory=dict)  # media type -> schema, for non-JSON bodies
+    request: str | None = None
+    errors: tuple[int, ...] = ()
+    auth: bool = False
+    description: str = ""
+    also: dict[int, str] = field(default_factory=dict)  # other statuses answered with the `ok` schema
+
+
+OPERATIONS: dict[str, Operation] = {
+    "embeddings.create_embeddings": Operation(
+        "Create embeddings (OpenAI)", "embeddings", "EmbeddingsResponse", request="EmbeddingsRequest",
+        errors=_MODEL_ERRORS, auth=True,
+        description="OpenAI embeddings plus Ruri's prefixes (`input_type`, `instruction`, `apply_ruri_prefix`). "
+                    "`data` is in input order; `usage` counts the tokens fed to the model. "
+                    "`/embeddings` is the same route without `/v1` (for base URLs that lack it)."),
+    "rerank.rerank_v1": Operation(
+        "Rerank documents (Jina / Cohere v1)", "rerank", "RerankResponse", request="RerankRequest",
+        errors=_MODEL_ERRORS, auth=True,
+        description="Scores (query, document) pairs; results sorted by score descending, ties by lower index. "
+                    "`/rerank` is the same route without `/v1`."),
+    "rerank.rerank_v2": Operation(
+        "Rerank documents (Cohere v2)", "rerank", "RerankV2Response", request="RerankV2Request",
+        errors=_MODEL_ERRORS, auth=True),
+    "models.list_models": Operation(
+        "List the configured models", "models", "ModelList", errors=(401, 500), auth=True,
+        description="Kind, dimensions, max tokens, prompt preset, aliases, and the answering worker's device "
+                    "and dtype. `/models` is the same route without `/v1`."),
+    "models.get_model": Operation(
+        "Describe one model (by id or alias)", "models", "ModelInfo", errors=(401, 404, 500), auth=True,
+        description="`model_id` may contain slashes (`cl-nagoya/ruri-v3-310m`): send them unencoded."),
+    "health.health": Operation(
+        "Liveness: the process answers (no model work)", "operations", "Health", also={503: "model loading failed"}),
+    "health.ready": Operation(
+        "Readiness: 200 once this worker has loaded and warmed every model", "operations", "Ready",
+        also={503: "not (yet) ready in this worker"}),
+    "metrics.scrape": Operation(
+        "Prometheus metrics, summed over all Gunicorn workers", "operations",
+        content={"text/plain": {"type": "string"}}),
+    "openapi.openapi_json": Operation("This document", "operations", content={"application/json": {"type": "object"}}),
+    "openapi.docs": Operation("This document rendered for people (Redoc)", "operations",
+                              content={"text/html": {"type": "string"}}),
+}
+
+_DOC_SCHEMAS: tuple[type[Schema], ...] = (
+    schemas.EmbeddingsRequest, schemas.RerankRequest, schemas.RerankV2Request, schemas.EmbeddingsResponse,
+    schemas.RerankResponse, RerankV2Response, ModelInfo, ModelList, Health, Ready, schemas.ErrorResponse,
+)
+
+
+# -- the two custom fields ---------------------------------------------------------------------------
+def _custom_fields(self: Any, field_obj: fields.Field, **kwargs: Any) -> dict[str, Any]:
+    """JSON shapes of the fields that validate themselves (apispec would render them as `{}`)."""
+    if isinstance(field_obj, schemas.EmbeddingInput):
+        text = {"type": "string", "minLength": 1}
+        return {"oneOf": [text, {"type": "array", "minItems": 1, "items": text}],
+                "description": "a text, or an array of texts (arrays of token ids are refused with a 400 that "
+                               "explains why)"}
+    if isinstance(field_obj, schemas.RerankDocument):
+        return {"oneOf": [{"type": "string"},
+                          {"type": "object", "required": ["text"], "properties": {"text": {"type": "string"}}}]}
+    return {}
+
+
+def _apply_limits(components: dict[str, Any], settings: Settings) -> None:
+    """This server's configured limits (EMBEDAPI_MAX_*), which the service enforces with a 400."""
+    chars = settings.max_text_chars
+    emb = components["EmbeddingsRequest"]["properties"]["input"]
+    emb["oneOf"][0]["maxLength"] = chars
+    emb["oneOf"][1]["maxItems"] = settings.max_inputs
+    emb["oneOf"][1]["items"] = {**emb["oneOf"][1]["items"], "maxLength": chars}
+    for name in ("RerankRequest", "RerankV2Request"):
+        props = components[name]["properties"]
+        props["query"]["maxLength"] = chars
+        props["documents"]["maxItems"] = settings.max_documents
+        for option in props["documents"]["items"]["oneOf"]:
+            target = option if option["type"] == "string" else option["properties"]["text"]
+            target["maxLength"] = chars
+
+
+def _openapi_path(rule: str) -> str:
+    return re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule)
+
+
+def _error_response(status: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"description": ERRORS[status],
+                           "headers": {"X-Request-ID": {"$ref": "#/components/headers/X-Request-ID"}},
+                           "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+    if status in _RETRY:
+        out["headers"]["Retry-After"] = {"$ref": "#/components/headers/Retry-After"}
+    return out
+
+
+def _example(settings: Settings, op: Operation) -> dict[str, Any] | None:
+    embed = next((m.id for m in settings.models if m.kind == "embedding"), None)
+    rerank = next((m.id for m in settings.models if m.kind == "rerank"), None)
+    if op.request == "EmbeddingsRequest" and embed:
+        return {"model": embed, "input": ["名古屋大学で開発された日本語の埋め込みモデルです。"], "input_type": "document"}
+    if op.request in ("RerankRequest", "RerankV2Request") and rerank:
+        return {"model": rerank, "query": "蔵王温泉の泉質は？",
+                "documents": ["蔵王温泉は強酸性の硫黄泉です。", "名古屋は愛知県にあります。"], "top_n": 1}
+    return None
+
+
+def _operation(endpoint: str, path: str, method: str, op: Operation, settings: Settings,
+               alias_of: str | None) -> dict[str, Any]:
+    request_id = {"X-Request-ID": {"$ref": "#/components/headers/X-Request-ID"}}
+    if op.ok:
+        ok_content: dict[str, Any] = {"application/json": {"schema": {"$ref": f"#/components/schemas/{op.ok}"}}}
+    else:
+        ok_content = {media: {"schema": schema} for media, schema in op.content.items()}
+    responses: dict[str, Any] = {"200": {"description": "OK", "headers": request_id, "content": ok_content}}
+    for status, why in op.also.items():
+        responses[str(status)] = {"description": why, "headers": request_id, "content": ok_content}
+    for status in op.errors:
+        if status == 401 and not settings.api_keys:
+            continue  # no key is configured: a 401 cannot happen
+        responses[str(status)] = _error_response(status)
+    out: dict[str, Any] = {
+        "operationId": endpoint.replace(".", "_") + ("" if alias_of is None else "_" + re.sub(r"\W+", "_", path).strip("_")),
+        "summary": op.summary, "tags": [op.tag],
+        "parameters": ["X-Request-ID"],
+        "responses": responses,
+    }
+    description = op.description + (f" Same as `{alias_of}`." if alias_of else "")
+    if description:
+        out["description"] = description.strip()
+    if "{model_id}" in path:
+        out["parameters"].append({"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"},
+                                  "description": "a configured model id or alias"})
+    if op.request:
+        media: dict[str, Any] = {"schema": {"$ref": f"#/components/schemas/{op.request}"}}
+        example = _example(settings, op)
+        if example:
+            media["example"] = example
+        out["requestBody"] = {"required": True, "content": {"application/json": media}}
+    if op.auth and settings.api_keys:
+        out["security"] = [{"bearerAuth": []}]
+    return out
+
+
+def build_spec(app: Flask) -> dict[str, Any]:
+    """The OpenAPI document of `app`: every url_map rule (but `static`), every method but HEAD/OPTIONS."""
+    settings: Settings = app.extensions["embedapi"].settings
+    plugin = MarshmallowPlugin()
+    spec = APISpec(
+        title="embedapi", version=__version__, openapi_version=OPENAPI_VERSION, plugins=[plugin],
+        info={"description": "OpenAI-compatible Japanese embeddings and rerank (Ruri v3). Every error is "
+                             "`{\"error\": {\"message\", \"type\", \"param\", \"code\"}}`."},
+    )
+    plugin.converter.add_attribute_function(_custom_fields)
+    for schema in _DOC_SCHEMAS:
+        spec.components.schema(schema.__name__, schema=schema)
+    spec.components.header("X-Request-ID", {"description": "the client's X-Request-ID, or a generated one; "
+                                                           "also in the access log", "schema": {"type": "string"}})
+    spec.components.header("Retry-After", {"description": "seconds to wait before retrying",
+                                           "schema": {"type": "string"}})
+    spec.components.parameter("X-Request-ID", "header", {
+        "required": False, "schema": {"type": "string", "maxLength": 128},
+        "description": "your request id, echoed in the response and logged; generated when absent"})
+    if settings.api_keys:
+        spec.components.security_scheme("bearerAuth", {"type": "http", "scheme": "bearer",
+                                                       "description": "a key from EMBEDAPI_API_KEYS(_FILE)"})
+
+    by_endpoint: dict[str, list] = {}
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint != "static":
+            by_endpoint.setdefault(rule.endpoint, []).append(rule)
+    paths: dict[str, dict[str, Any]] = {}
+    for endpoint, rules in by_endpoint.items():
+        op = OPERATIONS.get(endpoint)
+        if op is None:  # a route nobody described: still listed, from its docstring
+            log.warning("route %s has no OpenAPI description in embedapi/api/openapi.py", endpoint)
+            doc = (app.view_functions[endpoint].__doc__ or endpoint).strip().splitlines()[0]
+            op = Operation(doc, "other", content={"application/json": {}}, errors=(400, 500))
+        # The first rule registered is the canonical path; decorators apply bottom-up, so prefer /v1.
+        rules = sorted(rules, key=lambda r: (not r.rule.startswith("/v"), r.rule))
+        canonical = _openapi_path(rules[0].rule)
+        for rule in rules:
+            path = _openapi_path(rule.rule)
+            for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
+                paths.setdefault(path, {})[method.lower()] = _operation(
+                    endpoint, path, method, op, settings, None if path == canonical else canonical)
+    for path in sorted(paths):
+        spec.path(path=path, operations=paths[path])
+    doc = spec.to_dict()
+    _apply_limits(doc["components"]["schemas"], settings)
+    return doc
+
+
+def spec_for(app: Flask) -> dict[str, Any]:
+    """Built once per app (routes and settings do not change while it runs)."""
+    cached = app.extensions.get("embedapi.openapi")
+    if cached is None:
+        cached = app.extensions["embedapi.openapi"] = build_spec(app)
+    return copy.deepcopy(cached)
+
+
+@bp.get("/openapi.json")
+def openapi_json() -> Response:
+    return json_response(spec_for(current_app._get_current_object()))
+
+
+_DOCS_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>embedapi API</title>
+<meta name="viewport" content="width=device-width, initial-scale=1"></head>
+<body><noscript>The machine-readable document is at <a href="openapi.json">openapi.json</a>.</noscript>
+<redoc spec-url="openapi.json"></redoc>
+<script src="https://cdn.redoc.ly/redoc/v2.1.5/bundles/redoc.standalone.js"></script>
+</body></html>
+"""
+
+
+@bp.get("/docs")
+def docs() -> Response:
+    return Response(_DOCS_HTML, mimetype="text/html")

@@ -1,0 +1,105 @@
+"""Prometheus metrics: requests, batches, queue, tokens, model loading (README "運用" lists them).
+
+Under Gunicorn, `gunicorn.conf.py` sets PROMETHEUS_MULTIPROC_DIR before anything imports
+prometheus_client, so every worker writes its values to files there and one scrape of any worker
+sums them all (`render()` reads the directory). Outside Gunicorn (tests, `flask run`) each app
+keeps its own in-memory registry. The engine calls `batch_done` / `queue_depth` (BatchObserver),
+the registry calls `model_loaded`, the access-log hook calls `request_done`.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, \
+    values
+
+# The value class prometheus_client chose at its import: file-backed when PROMETHEUS_MULTIPROC_DIR was set.
+MULTIPROCESS = values.ValueClass is not values.MutexValue
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+if MULTIPROCESS:  # `flask run` with the variable set to a directory that does not exist yet
+    os.makedirs(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ["prometheus_multiproc_dir"], exist_ok=True)
+
+_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+_BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+_BATCH_TOKEN_BUCKETS = (16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+
+
+class Metrics:
+    """The server's metrics, registered on their own registry (one per app, so tests stay independent).
+
+    Every metric has labels, so a process that never serves (the Gunicorn master, which preloads the
+    app) writes no value and never appears as a worker in the aggregated output.
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("embedapi_requests", "HTTP requests answered, by route (URL rule), method and status.",
+                                ["route", "method", "status"], registry=r)
+        self.request_seconds = Histogram("embedapi_request_duration_seconds",
+                                         "Time from reading the request to returning the response, by route.",
+                                         ["route", "method"], buckets=_DURATION_BUCKETS, registry=r)
+        self.queue_seconds = Histogram("embedapi_queue_seconds",
+                                       "Per batch: time its oldest request waited in the model's queue.",
+                                       ["model"], buckets=_DURATION_BUCKETS, registry=r)
+        self.inference_seconds = Histogram("embedapi_inference_seconds", "Per batch: forward-pass time.",
+                                           ["model"], buckets=_DURATION_BUCKETS, registry=r)
+        self.batch_size = Histogram("embedapi_batch_size", "Sequences per forward pass.", ["model"],
+                                    buckets=_BATCH_SIZE_BUCKETS, registry=r)
+        self.batch_tokens = Histogram("embedapi_batch_tokens",
+                                      "Padded tokens per forward pass (longest sequence x batch size).", ["model"],
+                                      buckets=_BATCH_TOKEN_BUCKETS, registry=r)
+        self.tokens = Counter("embedapi_tokens", "Real (unpadded) tokens fed to the model, warm-up included.",
+                              ["model"], registry=r)
+        self.padding = Counter("embedapi_padding_tokens", "Padding tokens computed (padded minus real tokens).",
+                               ["model"], registry=r)
+        self.items = Counter("embedapi_items", "Sequences computed (inputs or query-document pairs), warm-up included.",
+                             ["model"], registry=r)
+        self.queue_tokens = Gauge("embedapi_queue_tokens", "Tokens waiting in the model's queue (summed over workers).",
+                                  ["model"], multiprocess_mode="livesum", registry=r)
+        self.load_seconds = Gauge("embedapi_model_load_seconds",
+                                  "Seconds this worker took to load and warm the model (one series per worker).",
+                                  ["model", "kind"], multiprocess_mode="liveall", registry=r)
+        self.models_loaded = Gauge("embedapi_models_loaded", "Models loaded and warmed in this worker (per worker).",
+                                   ["device"], multiprocess_mode="liveall", registry=r)
+
+    # -- HTTP ----------------------------------------------------------------------------
+    def request_done(self, route: str, method: str, status: int, seconds: float) -> None:
+        self.requests.labels(route, method, str(status)).inc()
+        self.request_seconds.labels(route, method).observe(seconds)
+
+    # -- engine (BatchObserver) ------------------------------------------------------------
+    def batch_done(self, model: str, size: int, padded_tokens: int, real_tokens: int,
+                   queue_seconds: float, inference_seconds: float) -> None:
+        self.batch_size.labels(model).observe(size)
+        self.batch_tokens.labels(model).observe(padded_tokens)
+        self.tokens.labels(model).inc(real_tokens)
+        self.padding.labels(model).inc(max(0, padded_tokens - real_tokens))
+        self.items.labels(model).inc(size)
+        self.queue_seconds.labels(model).observe(max(0.0, queue_seconds))
+        self.inference_seconds.labels(model).observe(inference_seconds)
+
+    def queue_depth(self, model: str, tokens: int) -> None:
+        self.queue_tokens.labels(model).set(tokens)
+
+    # -- registry ----------------------------------------------------------------------------
+    def model_loaded(self, model: str, kind: str, device: str, seconds: float) -> None:
+        self.load_seconds.labels(model, kind).set(seconds)
+        self.models_loaded.labels(device).inc()
+
+    # -- exposition ----------------------------------------------------------------------------
+    def render(self) -> bytes:
+        """The Prometheus text: all workers' files when multiprocess, else this app's registry."""
+        if MULTIPROCESS:
+            from prometheus_client import multiprocess
+
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry)
+        return generate_latest(self.registry)
+
+
+def multiprocess_dir() -> str | None:
+    """The directory the workers write to, when multiprocess mode is on."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") if MULTIPROCESS else None

@@ -1,0 +1,153 @@
+"""GET /openapi.json: a valid OpenAPI 3 document that covers every route, and that real answers obey."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from openapi_schema_validator import OAS30Validator
+from openapi_spec_validator import validate
+
+from embedapi import create_app
+from embedapi.api import schemas
+from embedapi.api.openapi import OPERATIONS
+
+from .conftest import EMBED, RERANK
+
+MODEL_ERRORS = {"400", "404", "413", "429", "500", "503"}
+
+
+@pytest.fixture(scope="module")
+def doc(app):
+    resp = app.test_client().get("/openapi.json")
+    assert resp.status_code == 200 and resp.mimetype == "application/json"
+    return resp.json
+
+
+def conforms(doc: dict, schema_name: str, instance) -> None:
+    """Validate `instance` against a component schema of the document (refs resolved inside it)."""
+    schema = {"$ref": f"#/components/schemas/{schema_name}", "components": doc["components"]}
+    errors = sorted(OAS30Validator(schema).iter_errors(instance), key=str)
+    assert not errors, f"{schema_name}: {errors[0]}"
+
+
+def openapi_path(rule: str) -> str:
+    return re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule)
+
+
+def test_document_validates_as_openapi_3(doc):
+    validate(doc)
+    assert doc["openapi"].startswith("3.")
+
+
+def test_every_route_the_app_serves_is_documented(app, doc):
+    rules = [r for r in app.url_map.iter_rules() if r.endpoint != "static"]
+    assert len(rules) >= 13
+    for rule in rules:
+        # Described on purpose (not only listed from a docstring): a new route must get an entry.
+        assert rule.endpoint in OPERATIONS, f"{rule.endpoint} ({rule.rule}) has no entry in OPERATIONS"
+        path = openapi_path(rule.rule)
+        for method in rule.methods - {"HEAD", "OPTIONS"}:
+            assert method.lower() in doc["paths"].get(path, {}), f"{method} {path} is not documented"
+    documented = {(p, m) for p, ops in doc["paths"].items() for m in ops}
+    served = {(openapi_path(r.rule), m.lower()) for r in rules for m in r.methods - {"HEAD", "OPTIONS"}}
+    assert documented == served  # nothing documented that is not served
+    operation_ids = [op["operationId"] for ops in doc["paths"].values() for op in ops.values()]
+    assert len(operation_ids) == len(set(operation_ids))
+
+
+def test_model_routes_document_their_errors(doc):
+    for path in ("/v1/embeddings", "/embeddings", "/v1/rerank", "/rerank", "/v2/rerank"):
+        op = doc["paths"][path]["post"]
+        assert MODEL_ERRORS <= set(op["responses"]), path
+        for status in MODEL_ERRORS:
+            body = op["responses"][status]["content"]["application/json"]["schema"]
+            assert body == {"$ref": "#/components/schemas/ErrorResponse"}
+        assert "Retry-After" in op["responses"]["429"]["headers"]
+        assert op["requestBody"]["required"] is True
+        assert "security" not in op and "401" not in op["responses"]  # no keys configured in this app
+    assert "404" in doc["paths"]["/v1/models/{model_id}"]["get"]["responses"]
+    assert set(doc["paths"]["/ready"]["get"]["responses"]) == {"200", "503"}
+    error = doc["components"]["schemas"]["ErrorDetail"]["properties"]
+    assert error["param"]["nullable"] is True and error["code"]["nullable"] is True
+
+
+def test_request_schemas_are_the_validating_schemas(doc):
+    for cls in (schemas.EmbeddingsRequest, schemas.RerankRequest, schemas.RerankV2Request):
+        component = doc["components"]["schemas"][cls.__name__]
+        declared = cls().fields
+        assert set(component["properties"]) == set(declared)
+        assert set(component["required"]) == {name for name, f in declared.items() if f.required}
+    emb = doc["components"]["schemas"]["EmbeddingsRequest"]["properties"]
+    assert emb["encoding_format"]["enum"] == ["float", "base64"]
+    assert "retrieval.query" in emb["input_type"]["enum"] and emb["input_type"]["nullable"] is True
+    assert emb["dimensions"]["type"] == "integer" and emb["dimensions"]["nullable"] is True
+    # The custom input field: a text or an array of texts, with this app's limits (conftest: 64 inputs).
+    text, array = emb["input"]["oneOf"]
+    assert text["type"] == "string" and text["minLength"] == 1
+    assert array["type"] == "array" and array["maxItems"] == 64 and array["items"]["type"] == "string"
+    docs = doc["components"]["schemas"]["RerankRequest"]["properties"]["documents"]
+    assert docs["maxItems"] == 32 and {o["type"] for o in docs["items"]["oneOf"]} == {"string", "object"}
+
+
+def test_examples_are_valid_and_accepted(client, doc):
+    for path in ("/v1/embeddings", "/v1/rerank", "/v2/rerank"):
+        media = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]
+        conforms(doc, media["schema"]["$ref"].rsplit("/", 1)[1], media["example"])
+        resp = client.post(path, json=media["example"])
+        assert resp.status_code == 200, resp.json
+
+
+def test_real_answers_conform_to_the_documented_responses(client, doc):
+    def check(method: str, path: str, schema: str, status: int = 200, **kwargs) -> dict:
+        resp = client.open(path, method=method, **kwargs)
+        assert resp.status_code == status, resp.json
+        assert str(status) in doc["paths"][openapi_path(path) if "<" in path else path][method.lower()]["responses"]
+        conforms(doc, schema, resp.json)
+        return resp.json
+
+    for fmt in ("float", "base64"):
+        check("POST", "/v1/embeddings", "EmbeddingsResponse",
+              json={"model": EMBED, "input": ["一つ", "二つ"], "encoding_format": fmt})
+    check("POST", "/v1/rerank", "RerankResponse",
+          json={"model": RERANK, "query": "温泉", "documents": ["蔵王温泉", {"text": "名古屋"}], "return_documents": True})
+    check("POST", "/v2/rerank", "RerankV2Response", json={"model": RERANK, "query": "温泉", "documents": ["a", "b"]})
+    listing = check("GET", "/v1/models", "ModelList")
+    assert {m["kind"] for m in listing["data"]} == {"embedding", "rerank"}
+    check("GET", "/health", "Health")
+    check("GET", "/ready", "Ready")
+    check("POST", "/v1/embeddings", "ErrorResponse", 400, json={"model": EMBED, "input": ""})
+    check("POST", "/v1/embeddings", "ErrorResponse", 404, json={"model": "no-such-model", "input": "x"})
+    resp = client.get(f"/v1/models/{EMBED}")
+    assert resp.status_code == 200
+    conforms(doc, "ModelInfo", resp.json)
+
+
+def test_unloaded_models_and_keys(models_file):
+    app = create_app({"models_file": str(models_file), "load_models": "off", "api_keys": "k1"})
+    client = app.test_client()
+    resp = client.get("/openapi.json")  # open, like /health: it is documentation
+    assert resp.status_code == 200
+    doc = resp.json
+    validate(doc)
+    assert doc["components"]["securitySchemes"]["bearerAuth"] == {
+        "type": "http", "scheme": "bearer", "description": "a key from EMBEDAPI_API_KEYS(_FILE)"}
+    for path, method in (("/v1/embeddings", "post"), ("/v2/rerank", "post"), ("/v1/models", "get")):
+        op = doc["paths"][path][method]
+        assert op["security"] == [{"bearerAuth": []}] and "401" in op["responses"]
+    for path in ("/health", "/ready", "/metrics", "/openapi.json"):
+        assert "security" not in doc["paths"][path]["get"]
+    # Before loading: nullable fields are null, and the answers still conform.
+    resp = client.get("/v1/models", headers={"Authorization": "Bearer k1"})
+    conforms(doc, "ModelList", resp.json)
+    assert all(m["dimensions"] is None and m["device"] is None for m in resp.json["data"])
+    resp = client.get("/ready")
+    assert resp.status_code == 503
+    conforms(doc, "Ready", resp.json)
+    conforms(doc, "ErrorResponse", client.post("/v1/embeddings", json={"model": EMBED, "input": "x"}).json)
+
+
+def test_docs_page(client):
+    resp = client.get("/docs")
+    assert resp.status_code == 200 and resp.mimetype == "text/html"
+    assert 'spec-url="openapi.json"' in resp.get_data(as_text=True)
