@@ -11,6 +11,7 @@ from typing import Any, Callable
 import orjson
 from flask import Response, current_app, g, request
 from marshmallow import Schema, ValidationError
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from ..config import Settings
 from ..errors import InvalidRequest, Unauthorized
@@ -40,6 +41,12 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
 def read_json() -> dict[str, Any]:
     """The body as a JSON object, whatever the Content-Type (curl -d sends a form type)."""
     raw = request.get_data(cache=False)
+    limit = current_app.config.get("MAX_CONTENT_LENGTH")
+    if limit is not None and request.content_length is None and len(raw) >= limit:
+        # A chunked body (no Content-Length) is read only up to the limit, and werkzeug returns that
+        # prefix without complaint: one more byte on the wire means the body was over the limit.
+        if request.environ["wsgi.input"].read(1):
+            raise RequestEntityTooLarge()
     if not raw.strip():
         raise InvalidRequest("the request body is empty; send a JSON object")
     try:
