@@ -1,0 +1,121 @@
+"""Every curl example in README.md (and its Python SDK example), run as written against the live server.
+
+The examples are read from README.md at test time: fenced ```bash blocks whose command starts with
+`curl`, run by bash with the system curl, with only `http://localhost:8000` replaced by the test
+server's URL and `-w` appended to learn the status. A README edit that breaks an example fails here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ..server import ROOT
+from .conftest import EMBED, EMBED_30M, RERANK
+
+README = ROOT / "README.md"
+DOC_URL = "http://localhost:8000"
+
+
+def fenced_blocks(language: str) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```", README.read_text(encoding="utf-8"), flags=re.S | re.M)
+
+
+CURL_EXAMPLES = [block.strip() for block in fenced_blocks("bash") if block.lstrip().startswith("curl")]
+
+
+def route(example: str) -> str:
+    return re.search(rf"{re.escape(DOC_URL)}(/\S*)", example).group(1)
+
+
+def test_the_readme_has_the_examples_this_file_checks():
+    assert len(CURL_EXAMPLES) >= 4
+    assert {route(e) for e in CURL_EXAMPLES} <= set(SHAPES), "a new README curl example needs a shape check here"
+
+
+def check_embeddings(request: dict, body: dict) -> None:
+    assert body["object"] == "list" and body["model"] == request["model"]
+    n = 1 if isinstance(request["input"], str) else len(request["input"])
+    assert [d["index"] for d in body["data"]] == list(range(n))
+    assert all(d["object"] == "embedding" and len(d["embedding"]) > 0 for d in body["data"])
+    assert all(isinstance(x, float) for x in body["data"][0]["embedding"])
+    assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] > 0
+
+
+def check_rerank_v1(request: dict, body: dict) -> None:
+    assert body["id"].startswith("rerank-") and body["model"] == request["model"]
+    assert body["query"] == request["query"]
+    n = min(request.get("top_n") or len(request["documents"]), len(request["documents"]))
+    results = body["results"]
+    assert len(results) == n and body["data"] == results
+    scores = [r["relevance_score"] for r in results]
+    assert scores == sorted(scores, reverse=True) and all(0 <= s <= 1 for s in scores)
+    for r in results:
+        if request.get("return_documents"):
+            assert r["document"] == {"text": request["documents"][r["index"]]}
+        else:
+            assert "document" not in r
+    assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] > 0
+
+
+def check_rerank_v2(request: dict, body: dict) -> None:
+    assert body["id"]
+    n = min(request.get("top_n") or len(request["documents"]), len(request["documents"]))
+    assert len(body["results"]) == n
+    assert all(set(r) == {"index", "relevance_score"} for r in body["results"])
+    assert body["meta"]["billed_units"]["search_units"] == 1 and body["meta"]["tokens"]["input_tokens"] > 0
+
+
+def check_models(request: None, body: dict) -> None:
+    assert body["object"] == "list"
+    models = {m["id"]: m for m in body["data"]}
+    assert set(models) == {EMBED, EMBED_30M, RERANK}
+    for m in models.values():
+        assert {"kind", "dimensions", "max_tokens", "prompt_preset", "aliases", "device", "dtype"} <= set(m)
+    assert models[EMBED]["kind"] == "embedding" and models[EMBED]["dimensions"] > 0
+    assert models[RERANK]["kind"] == "rerank"
+
+
+SHAPES = {
+    "/v1/embeddings": check_embeddings,
+    "/v1/rerank": check_rerank_v1,
+    "/v2/rerank": check_rerank_v2,
+    "/v1/models": check_models,
+}
+
+
+def request_body(example: str) -> dict | None:
+    match = re.search(r"-d '(.*?)'", example, flags=re.S)
+    return json.loads(match.group(1)) if match else None
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+@pytest.mark.parametrize("example", CURL_EXAMPLES, ids=[route(e) for e in CURL_EXAMPLES])
+def test_curl_example(live, example):
+    command = example.replace(DOC_URL, live.url) + " -w '\\n%{http_code}'"
+    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    payload, _, status = done.stdout.rpartition("\n")
+    assert status == "200", done.stdout
+    SHAPES[route(example)](request_body(example), json.loads(payload))
+
+
+PYTHON_EXAMPLES = [block for block in fenced_blocks("python") if DOC_URL in block]
+
+
+@pytest.mark.parametrize("example", PYTHON_EXAMPLES, ids=[f"python-{i}" for i in range(len(PYTHON_EXAMPLES))])
+def test_python_example(live, example, st_model):
+    done = subprocess.run([sys.executable, "-c", example.replace(DOC_URL, live.url)], capture_output=True,
+                          text=True, timeout=120, cwd=Path(ROOT))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(st_model.get_embedding_dimension())
+
+
+def test_there_is_a_python_sdk_example():
+    assert PYTHON_EXAMPLES
