@@ -77,6 +77,27 @@ def test_the_model_name_routes_to_that_model(client, st_short):
     np.testing.assert_allclose(got, st_encode(st_short, TEXTS), atol=1e-5)
 
 
+def test_async_client_concurrent_requests_equal_the_sync_ones(live, client):
+    import asyncio
+
+    texts = [f"非同期{i}の文です。" for i in range(16)]
+
+    async def burst():
+        aclient = openai.AsyncOpenAI(base_url=live.url + "/v1", api_key="sk-no-key", max_retries=0)
+        async with aclient:
+            return await asyncio.gather(*[aclient.embeddings.create(model=EMBED, input=t) for t in texts])
+
+    got = np.concatenate([vectors(r) for r in asyncio.run(burst())])
+    np.testing.assert_allclose(got, vectors(client.embeddings.create(model=EMBED, input=texts)), atol=1e-6)
+
+
+def test_models_list_and_retrieve_a_name_with_a_slash(client, st_model):
+    assert {m.id for m in client.models.list()} == {EMBED, EMBED_30M, RERANK}
+    model = client.models.retrieve(EMBED)  # the SDK escapes the "/" of the id in the path
+    assert model.id == EMBED and model.model_extra["kind"] == "embedding"
+    assert model.model_extra["dimensions"] == st_model.get_embedding_dimension()
+
+
 def test_bad_request_error_carries_the_server_message(client):
     with pytest.raises(openai.BadRequestError) as err:
         client.embeddings.create(model=EMBED, input="テキスト", extra_body={"input_type": "questions"})
@@ -91,6 +112,10 @@ def test_bad_request_error_carries_the_server_message(client):
     with pytest.raises(openai.BadRequestError) as err:
         client.embeddings.create(model=EMBED, input="")
     assert err.value.param == "input"
+
+    with pytest.raises(openai.BadRequestError) as err:  # no matryoshka_dimensions configured
+        client.embeddings.create(model=EMBED, input="テキスト", dimensions=8)
+    assert "dimensions" in err.value.message and err.value.param == "dimensions"
 
 
 def test_not_found_error_for_an_unknown_model(client):
