@@ -81,11 +81,12 @@ echo "run.sh: building ${image} from ${dockerfile}" >&2
 docker build -f "${dockerfile}" -t "${image}" ${build_args[@]+"${build_args[@]}"} .
 
 echo "run.sh: starting ${image} on http://127.0.0.1:${host_port}" >&2
+# --stop-timeout: longer than Gunicorn's graceful_timeout (60 s), so accepted requests finish on stop.
 exec docker run --rm \
   --name "embedapi-${variant}" \
   -p "${host_port}:8000" \
   -v embedapi-hf-cache:/cache/huggingface \
-  --stop-timeout 60 \
+  --stop-timeout 75 \
   ${gpu_args[@]+"${gpu_args[@]}"} \
   ${mount_args[@]+"${mount_args[@]}"} \
   ${env_args[@]+"${env_args[@]}"} \
