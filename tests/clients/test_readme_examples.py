@@ -134,12 +134,35 @@ def replay_with_requests(command: str) -> tuple[int, str]:
     return response.status_code, response.text
 
 
+def documented_response(example: str) -> str | None:
+    """The ```json block that follows a curl example in its section (before the next ```bash block or
+    heading), if any."""
+    text = README.read_text(encoding="utf-8")
+    after = text[text.index(example) + len(example):]
+    for end in ("```bash", "\n#"):
+        after = after.split(end, 1)[0]
+    match = re.search(r"^```json\n(.*?)^```", after, flags=re.S | re.M)
+    return match.group(1) if match else None
+
+
+def all_keys(value) -> set[str]:
+    if isinstance(value, dict):
+        return set(value) | {k for v in value.values() for k in all_keys(v)}
+    if isinstance(value, list):
+        return {k for v in value for k in all_keys(v)}
+    return set()
+
+
 @pytest.mark.parametrize("example", CURL_EXAMPLES, ids=[route(e) for e in CURL_EXAMPLES])
 def test_curl_example(live, example):
     command = example.replace(DOC_URL, live.url)
     status, payload = run_with_curl(command) if shutil.which("curl") else replay_with_requests(command)
     assert status == 200, payload
-    SHAPES[route(example)](request_body(example), json.loads(payload))
+    body = json.loads(payload)
+    SHAPES[route(example)](request_body(example), body)
+    documented = documented_response(example)
+    if documented is not None:  # every field the README shows in the answer is really there
+        assert set(re.findall(r'"(\w+)":', documented)) <= all_keys(body)
 
 
 @pytest.mark.parametrize("example", CURL_EXAMPLES, ids=[route(e) for e in CURL_EXAMPLES])
