@@ -12,7 +12,7 @@ from embedapi import create_app
 from embedapi.api import schemas
 from embedapi.api.openapi import OPERATIONS
 
-from .conftest import EMBED, RERANK
+from .conftest import EMBED, EMBED_ALIAS, RERANK
 
 MODEL_ERRORS = {"400", "404", "413", "429", "500", "503"}
 
@@ -80,6 +80,10 @@ def test_request_schemas_are_the_validating_schemas(doc):
         assert set(component["required"]) == {name for name, f in declared.items() if f.required}
     emb = doc["components"]["schemas"]["EmbeddingsRequest"]["properties"]
     assert emb["encoding_format"]["enum"] == ["float", "base64"]
+    # Model names come from the configuration, per kind (the other kind is a 400, an unknown name a 404).
+    assert EMBED in emb["model"]["enum"] and EMBED_ALIAS in emb["model"]["enum"] and RERANK not in emb["model"]["enum"]
+    for name in ("RerankRequest", "RerankV2Request"):
+        assert doc["components"]["schemas"][name]["properties"]["model"]["enum"] == [RERANK]
     assert "retrieval.query" in emb["input_type"]["enum"] and emb["input_type"]["nullable"] is True
     assert emb["dimensions"]["type"] == "integer" and emb["dimensions"]["nullable"] is True
     # The custom input field: a text or an array of texts, with this app's limits (conftest: 64 inputs).

@@ -272,8 +272,9 @@ def test_sigterm_during_a_burst_lets_every_accepted_request_finish(models_file):
     is answered 200 (none reset, none refused), then the master exits 0 and the port is closed."""
     server = GunicornServer(models_file, workers=2).start()
     n = 40
-    text = "名古屋大学で開発された日本語の埋め込みモデルです。長い文章も扱えます。" * 12
-    body = json.dumps({"model": EMBED, "input": [text] * 64}).encode()
+    text = "名古屋大学で開発された日本語の埋め込みモデルです。長い文章も扱えます。" * 8
+    per_request = 32  # ~6k tokens: enough work that the burst is still running when SIGTERM arrives
+    body = json.dumps({"model": EMBED, "input": [text] * per_request}).encode()
     sent = [threading.Event() for _ in range(n)]
     outcome: list[object] = [None] * n
 
@@ -303,6 +304,7 @@ def test_sigterm_during_a_burst_lets_every_accepted_request_finish(models_file):
             assert time.monotonic() < deadline
             time.sleep(0.01)
         in_flight = sum(o is None for o in outcome)
+        print(f"SIGTERM with {in_flight} of {n} requests in flight")
         server.proc.send_signal(signal.SIGTERM)
         for t in threads:
             t.join(BOUND)
@@ -310,7 +312,7 @@ def test_sigterm_during_a_burst_lets_every_accepted_request_finish(models_file):
     finally:
         server.stop()
     assert in_flight > 0, "every request finished before SIGTERM: the test proved nothing"
-    assert outcome == [(200, 64)] * n, [o for o in outcome if o != (200, 64)]
+    assert outcome == [(200, per_request)] * n, [o for o in outcome if o != (200, per_request)]
     assert code == 0
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", server.port), timeout=5).close()

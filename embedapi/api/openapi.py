@@ -185,8 +185,19 @@ def _custom_fields(self: Any, field_obj: fields.Field, **kwargs: Any) -> dict[st
     return {}
 
 
-def _apply_limits(components: dict[str, Any], settings: Settings) -> None:
-    """This server's configured limits (EMBEDAPI_MAX_*), which the service enforces with a 400."""
+def _apply_settings(components: dict[str, Any], settings: Settings) -> None:
+    """What this server's configuration decides: the model names each route takes (another name is a
+    404, a model of the other kind a 400) and the limits (EMBEDAPI_MAX_*) the service enforces with a 400."""
+    for name, kind in (("EmbeddingsRequest", "embedding"), ("RerankRequest", "rerank"), ("RerankV2Request", "rerank")):
+        names = [n for m in settings.models if m.kind == kind for n in (m.id, *m.aliases)]
+        model = components[name]["properties"]["model"]
+        model["description"] = f"a configured {kind} model id or alias (GET /v1/models lists them)"
+        if names:
+            model["enum"] = names
+    components["EmbeddingsRequest"]["properties"]["dimensions"]["description"] = (
+        "the model's full dimension, or one of its matryoshka_dimensions (GET /v1/models); otherwise 400")
+    components["EmbeddingsRequest"]["properties"]["truncate"]["description"] = (
+        "false: an input longer than the model's max_tokens is a 400 instead of being cut")
     chars = settings.max_text_chars
     emb = components["EmbeddingsRequest"]["properties"]["input"]
     emb["oneOf"][0]["maxLength"] = chars
@@ -279,8 +290,9 @@ def build_spec(app: Flask) -> dict[str, Any]:
     spec.components.header("Retry-After", {"description": "seconds to wait before retrying",
                                            "schema": {"type": "string"}})
     spec.components.parameter("X-Request-ID", "header", {
-        "required": False, "schema": {"type": "string", "maxLength": 128},
-        "description": "your request id, echoed in the response and logged; generated when absent"})
+        "required": False, "schema": {"type": "string"},
+        "description": "your request id (its first 128 characters), echoed in the response and logged; "
+                       "generated when absent or not printable"})
     if settings.api_keys:
         spec.components.security_scheme("bearerAuth", {"type": "http", "scheme": "bearer",
                                                        "description": "a key from EMBEDAPI_API_KEYS(_FILE)"})
@@ -307,7 +319,7 @@ def build_spec(app: Flask) -> dict[str, Any]:
     for path in sorted(paths):
         spec.path(path=path, operations=paths[path])
     doc = spec.to_dict()
-    _apply_limits(doc["components"]["schemas"], settings)
+    _apply_settings(doc["components"]["schemas"], settings)
     return doc
 
 
