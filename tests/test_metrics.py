@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -140,3 +142,40 @@ def test_one_scrape_sums_both_gunicorn_workers(gunicorn_server, models_file):
     assert set(map(int, loaded)) == workers and all(v == configured for v in loaded.values())
     queued = [lab for name, lab, _ in after if name == "embedapi_queue_tokens"]
     assert queued and all("pid" not in lab for lab in queued)  # livesum: one series per model
+
+
+def test_gunicorn_conf_prepares_and_cleans_the_metrics_directory(monkeypatch, tmp_path):
+    """gunicorn.conf.py's metrics hooks, run with stand-in server/worker objects (nothing is started)."""
+    import logging
+    import runpy
+    from types import SimpleNamespace
+
+    from .server import ROOT
+
+    server = SimpleNamespace(log=logging.getLogger("test.gunicorn"))
+    for name in ("PROMETHEUS_MULTIPROC_DIR", "EMBEDAPI_OWNS_METRICS_DIR", "EMBEDAPI_LOAD_MODELS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("EMBEDAPI_DEVICE", "cpu")
+
+    # Unset: a fresh private directory, removed when the master exits.
+    conf = runpy.run_path(str(ROOT / "gunicorn.conf.py"))
+    made = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    assert made.is_dir() and os.environ["EMBEDAPI_OWNS_METRICS_DIR"] == str(made)
+    conf["on_exit"](server)
+    assert not made.exists()
+
+    # Given: kept, stale files dropped at start; a dead worker's live gauges go, its counters stay.
+    given = tmp_path / "metrics"
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(given))
+    monkeypatch.delenv("EMBEDAPI_OWNS_METRICS_DIR")
+    conf = runpy.run_path(str(ROOT / "gunicorn.conf.py"))
+    assert given.is_dir() and "EMBEDAPI_OWNS_METRICS_DIR" not in os.environ
+    (given / "counter_111.db").write_bytes(b"old run")
+    conf["on_starting"](server)
+    assert list(given.iterdir()) == []
+    for name in ("counter_222.db", "gauge_liveall_222.db", "gauge_livesum_222.db", "gauge_liveall_333.db"):
+        (given / name).write_bytes(b"")
+    conf["child_exit"](server, SimpleNamespace(pid=222))
+    assert sorted(p.name for p in given.iterdir()) == ["counter_222.db", "gauge_liveall_333.db"]
+    conf["on_exit"](server)
+    assert given.is_dir()  # not ours to remove
