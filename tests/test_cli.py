@@ -133,3 +133,55 @@ def test_cli_never_imports_torch(models_file):
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                          env={**os.environ, "EMBEDAPI_MODELS_FILE": str(models_file), "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr
+
+
+@pytest.fixture(scope="module")
+def fake_hub():
+    """A loopback stand-in for the Hub API that answers every request with the error the test sets."""
+    import http.server
+    import threading
+
+    state = {"code": "RepoNotFound"}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(401 if state["code"] == "GatedRepo" else 404)
+            self.send_header("X-Error-Code", state["code"])
+            self.send_header("X-Error-Message", "stand-in hub")
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"error": "stand-in hub"}')
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield state, f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    thread.join(10)
+
+
+@pytest.mark.parametrize("code, message", [
+    ("RepoNotFound", "acme/missing does not exist on the Hugging Face Hub (or it is private: set HF_TOKEN)"),
+    ("RevisionNotFound", "acme/missing has no revision 'v1'"),
+    ("GatedRepo", "acme/missing at revision v1 is gated: accept its terms on huggingface.co and set HF_TOKEN"),
+])
+def test_download_explains_what_the_hub_answered(fake_hub, tmp_path, code, message):
+    state, endpoint = fake_hub
+    state["code"] = code
+    out = run("download", "acme/missing", "--revision", "v1",
+              env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf")})
+    assert out.returncode == 1 and f"FAILED acme/missing: {message}" in out.stdout, out.stdout + out.stderr
+
+
+def test_download_with_the_hub_unreachable(tmp_path):
+    from .server import free_port
+
+    out = run("download", "acme/missing", env={"HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf"),
+                                               "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"})
+    assert out.returncode == 1
+    assert "cannot reach the Hugging Face Hub for acme/missing and it is not in the cache" in out.stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -139,8 +140,11 @@ def test_unloaded_models_and_keys(models_file):
     for path, method in (("/v1/embeddings", "post"), ("/v2/rerank", "post"), ("/v1/models", "get")):
         op = doc["paths"][path][method]
         assert op["security"] == [{"bearerAuth": []}] and "401" in op["responses"]
-    for path in ("/health", "/ready", "/metrics", "/openapi.json"):
+    for path in ("/health", "/ready", "/metrics", "/openapi.json", "/docs"):
         assert "security" not in doc["paths"][path]["get"]
+        assert client.get(path).status_code in (200, 503)  # open: no key needed
+    # The open document does not name the models that /v1/models shows only with a key.
+    assert EMBED not in json.dumps(doc) and RERANK not in json.dumps(doc)
     # Before loading: nullable fields are null, and the answers still conform.
     resp = client.get("/v1/models", headers={"Authorization": "Bearer k1"})
     conforms(doc, "ModelList", resp.json)

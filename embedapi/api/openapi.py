@@ -192,7 +192,7 @@ def _apply_settings(components: dict[str, Any], settings: Settings) -> None:
         names = [n for m in settings.models if m.kind == kind for n in (m.id, *m.aliases)]
         model = components[name]["properties"]["model"]
         model["description"] = f"a configured {kind} model id or alias (GET /v1/models lists them)"
-        if names:
+        if names and not settings.api_keys:  # the document is open: with keys, model names stay behind auth
             model["enum"] = names
     components["EmbeddingsRequest"]["properties"]["dimensions"]["description"] = (
         "the model's full dimension, or one of its matryoshka_dimensions (GET /v1/models); otherwise 400")
@@ -226,6 +226,8 @@ def _error_response(status: int) -> dict[str, Any]:
 
 
 def _example(settings: Settings, op: Operation) -> dict[str, Any] | None:
+    if settings.api_keys:  # /openapi.json needs no key, /v1/models does: do not name the models here
+        return None
     embed = next((m.id for m in settings.models if m.kind == "embedding"), None)
     rerank = next((m.id for m in settings.models if m.kind == "rerank"), None)
     if op.request == "EmbeddingsRequest" and embed:
