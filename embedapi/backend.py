@@ -8,10 +8,18 @@ is what `SentenceTransformer.encode` / `CrossEncoder.predict` compute.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Callable, Sequence
 
-import numpy as np
-import torch
+# torch's intra-op pool is OpenMP (libgomp), whose idle threads spin after every parallel region. When
+# anything else wants the cores (this worker's request threads, other processes) the spinning threads
+# starve the one that is late: on the shared 2-core test machine a 2-thread forward pass ran 5-10x
+# slower, and the server's throughput under 32 clients was ~4x lower than with PASSIVE (README,
+# Benchmark). libgomp reads this once, when torch loads, hence before the import; the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from .config import ModelSpec
 from .errors import ConfigError
