@@ -87,6 +87,7 @@ def test_request_schemas_are_the_validating_schemas(doc):
         assert doc["components"]["schemas"][name]["properties"]["model"]["enum"] == [RERANK]
     assert "retrieval.query" in emb["input_type"]["enum"] and emb["input_type"]["nullable"] is True
     assert emb["dimensions"]["type"] == "integer" and emb["dimensions"]["nullable"] is True
+    assert emb["dimensions"]["maximum"] == 2**63 - 1  # a larger JSON integer reaches the schema as a float
     # The custom input field: a text or an array of texts, with this app's limits (conftest: 64 inputs).
     text, array = emb["input"]["oneOf"]
     assert text["type"] == "string" and text["minLength"] == 1

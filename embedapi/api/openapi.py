@@ -198,6 +198,11 @@ def _apply_settings(components: dict[str, Any], settings: Settings) -> None:
         "the model's full dimension, or one of its matryoshka_dimensions (GET /v1/models); otherwise 400")
     components["EmbeddingsRequest"]["properties"]["truncate"]["description"] = (
         "false: an input longer than the model's max_tokens is a 400 instead of being cut")
+    for name in ("EmbeddingsRequest", "RerankRequest", "RerankV2Request"):
+        for prop in components[name]["properties"].values():
+            if prop.get("type") == "integer":  # orjson reads larger integers as floats, which are refused
+                prop.setdefault("format", "int64")
+                prop.setdefault("maximum", 2**63 - 1)
     chars = settings.max_text_chars
     emb = components["EmbeddingsRequest"]["properties"]["input"]
     emb["oneOf"][0]["maxLength"] = chars
