@@ -55,6 +55,15 @@ class RerankDocument(fields.Field):
         return value
 
 
+def _bool(**kwargs: Any) -> fields.Boolean:
+    """A JSON boolean and nothing else: "yes" or 1 is a client bug worth a 400, not a guess."""
+    return fields.Boolean(truthy={True}, falsy={False}, **kwargs)
+
+
+def _positive_int(**kwargs: Any) -> fields.Integer:
+    return fields.Integer(strict=True, allow_none=True, validate=validate.Range(min=1), **kwargs)
+
+
 class _Request(Schema):
     class Meta:
         unknown = EXCLUDE  # OpenAI clients send extras
@@ -64,26 +73,30 @@ class EmbeddingsRequest(_Request):
     input = EmbeddingInput(required=True, metadata={"description": "text or array of texts (1..max_inputs)"})
     model = fields.String(required=True, validate=validate.Length(min=1))
     encoding_format = fields.String(load_default="float", validate=validate.OneOf(["float", "base64"]))
-    dimensions = fields.Integer(strict=True, allow_none=True, validate=validate.Range(min=1))
+    dimensions = _positive_int()
     user = fields.Raw(allow_none=True, metadata={"description": "accepted and ignored"})
     input_type = fields.String(allow_none=True, validate=validate.OneOf(list(INPUT_TYPE_ALIASES)))
     instruction = fields.String(allow_none=True)
-    apply_ruri_prefix = fields.Boolean(load_default=False)
-    normalize = fields.Boolean(allow_none=True, load_default=None)
-    truncate = fields.Boolean(load_default=True)
+    apply_ruri_prefix = _bool(load_default=False)
+    normalize = _bool(allow_none=True, load_default=None)
+    truncate = _bool(load_default=True)
 
 
-class RerankRequest(_Request):
+class RerankV2Request(_Request):
+    """Cohere v2 rerank; the v1 request adds the seed's and Jina's fields to it."""
+
     query = fields.String(required=True, validate=validate.Length(min=1, error="query must not be empty"))
     documents = fields.List(RerankDocument(), required=True,
                             validate=validate.Length(min=1, error="documents must hold at least one document"))
     model = fields.String(required=True, validate=validate.Length(min=1))
-    top_n = fields.Integer(strict=True, allow_none=True, validate=validate.Range(min=1))
-    top_k = fields.Integer(strict=True, allow_none=True, validate=validate.Range(min=1),
-                           metadata={"description": "alias of top_n"})
-    return_documents = fields.Boolean(load_default=False)
-    raw_scores = fields.Boolean(load_default=False)
-    max_tokens_per_doc = fields.Integer(strict=True, allow_none=True, validate=validate.Range(min=1))
+    top_n = _positive_int()
+    max_tokens_per_doc = _positive_int()
+    return_documents = _bool(load_default=False)
+
+
+class RerankRequest(RerankV2Request):
+    top_k = _positive_int(metadata={"description": "alias of top_n"})
+    raw_scores = _bool(load_default=False)
 
     @post_load
     def _top_k_alias(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
@@ -91,16 +104,6 @@ class RerankRequest(_Request):
         if data.get("top_n") is None and top_k is not None:
             data["top_n"] = top_k
         return data
-
-
-class RerankV2Request(_Request):
-    query = fields.String(required=True, validate=validate.Length(min=1, error="query must not be empty"))
-    documents = fields.List(RerankDocument(), required=True,
-                            validate=validate.Length(min=1, error="documents must hold at least one document"))
-    model = fields.String(required=True, validate=validate.Length(min=1))
-    top_n = fields.Integer(strict=True, allow_none=True, validate=validate.Range(min=1))
-    max_tokens_per_doc = fields.Integer(strict=True, allow_none=True, validate=validate.Range(min=1))
-    return_documents = fields.Boolean(load_default=False)
 
 
 # -- responses (documentation only) ------------------------------------------------------
