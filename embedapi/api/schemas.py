@@ -55,9 +55,17 @@ class RerankDocument(fields.Field):
         return value
 
 
-def _bool(**kwargs: Any) -> fields.Boolean:
+class StrictBoolean(fields.Boolean):
     """A JSON boolean and nothing else: "yes" or 1 is a client bug worth a 400, not a guess."""
-    return fields.Boolean(truthy={True}, falsy={False}, **kwargs)
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bool:
+        if not isinstance(value, bool):
+            raise self.make_error("invalid", input=value)
+        return value
+
+
+def _bool(**kwargs: Any) -> fields.Boolean:
+    return StrictBoolean(**kwargs)
 
 
 def _positive_int(**kwargs: Any) -> fields.Integer:
