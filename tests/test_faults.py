@@ -295,3 +295,19 @@ def test_sigkill_of_a_worker_under_load_costs_at_most_its_in_flight_requests(mod
         assert victim in {served_by.get(o[2]) for o in outcomes if o[0] < killed_at}
     finally:
         server.stop()
+
+
+# -- a worker that is still loading ------------------------------------------------------------
+def test_a_request_reaching_a_worker_still_loading_waits_for_the_models_instead_of_a_503(models_file):
+    """What a replacement worker does with the connections it accepts before its models are ready."""
+    from embedapi import create_app
+
+    app = create_app({"models_file": str(models_file), "load_models": "background"})
+    try:
+        client = app.test_client()
+        assert not app.extensions["embedapi"].registry.ready  # the loader thread has only just started
+        resp = client.post(E, json={"model": EMBED, "input": "読み込み中に届いた"})
+        assert resp.status_code == 200 and len(resp.get_json()["data"]) == 1
+    finally:
+        poll(lambda: app.extensions["embedapi"].registry.state in ("ready", "failed"), "loading to end")
+        app.extensions["embedapi"].registry.shutdown()
