@@ -12,7 +12,7 @@ import numpy as np
 
 from .config import ModelSpec, Settings
 from .engine import BatchObserver, Engine
-from .errors import InvalidRequest, ModelNotFound, ModelNotReady
+from .errors import ClientGone, InvalidRequest, ModelNotFound, ModelNotReady
 from .prompts import resolve_prompts
 from .tokenization import TextEncoder
 
@@ -62,6 +62,7 @@ class Registry:
         self.error: str | None = None
         self.device: str | None = None
         self._lock = threading.Lock()
+        self._settled = threading.Event()  # set once loading has ended, ready or failed
         self._device_lock = threading.Lock()
 
     # -- lookup ------------------------------------------------------------------------
@@ -73,17 +74,29 @@ class Registry:
             raise ModelNotFound(f"The model {name!r} does not exist on this server; configured models: {known}",
                                 param="model") from None
 
-    def get(self, name: str, kind: str) -> tuple[Entry, LoadedModel]:
-        """404 for an unknown name, 400 for the wrong kind, 503 until this worker has loaded it."""
+    def get(self, name: str, kind: str, wait: float = 0.0,
+            gone: Callable[[], bool] | None = None) -> tuple[Entry, LoadedModel]:
+        """404 for an unknown name, 400 for the wrong kind, 503 until this worker has loaded it.
+
+        While this worker is still loading, wait up to `wait` seconds for it (a worker Gunicorn has just
+        started is handed connections at once); ClientGone if `gone()` turns true meanwhile.
+        """
         entry = self.entry(name)
         if entry.spec.kind != kind:
             route = "/v1/embeddings" if entry.spec.kind == "embedding" else "/v1/rerank"
             raise InvalidRequest(f"The model {name!r} is a {entry.spec.kind} model; send it to {route}",
                                  param="model")
+        deadline = time.monotonic() + wait
+        while entry.spec.id not in self.models and self.state == "loading" and time.monotonic() < deadline:
+            if gone is not None and gone():
+                raise ClientGone()
+            self._settled.wait(min(0.1, max(0.0, deadline - time.monotonic())))
         loaded = self.models.get(entry.spec.id)
         if loaded is None:
-            why = f" (loading failed: {self.error})" if self.state == "failed" else "; retry shortly"
-            raise ModelNotReady(f"The model {name!r} is not loaded in this worker yet{why}",
+            if self.state == "failed":
+                raise ModelNotReady(f"The model {name!r} could not be loaded in this worker; the server log says "
+                                    "why (the operator must fix the configuration and restart)")
+            raise ModelNotReady(f"The model {name!r} is not loaded in this worker yet; retry shortly",
                                 headers={"Retry-After": "5"})
         return entry, loaded
 
@@ -92,8 +105,18 @@ class Registry:
         return self.state == "ready"
 
     # -- loading -----------------------------------------------------------------------
-    def start_loading(self, device: str | None = None, threads: int = 0) -> threading.Thread:
+    def _claim(self) -> bool:
+        """Move idle → loading; False if loading was already started (or done) by someone else."""
+        with self._lock:
+            if self.state != "idle":
+                return False
+            self.state = "loading"
+            return True
+
+    def start_loading(self, device: str | None = None, threads: int = 0) -> threading.Thread | None:
         """Load every configured model in a background thread (the worker answers /ready 503 meanwhile)."""
+        if not self._claim():
+            return None
         thread = threading.Thread(target=self._load_logged, args=(device, threads), name="model-loader",
                                   daemon=True)
         thread.start()
@@ -101,28 +124,36 @@ class Registry:
 
     def _load_logged(self, device: str | None, threads: int) -> None:
         try:
-            self.load_all(device, threads)
+            self._load(device, threads)
         except Exception:
             log.exception("loading models failed; this worker will answer 503")
 
     def load_all(self, device: str | None = None, threads: int = 0) -> None:
         """Load and warm every configured model on `device` (default: EMBEDAPI_DEVICE) with `threads`
-        torch threads (default: EMBEDAPI_TORCH_THREADS, else torch's own choice)."""
-        from . import backend  # torch is imported only once models are really loaded
+        torch threads (default: EMBEDAPI_TORCH_THREADS, else torch's own choice); if another thread is
+        already loading, wait for it."""
+        if self._claim():
+            self._load(device, threads)
+            return
+        self._settled.wait()
+        if self.state == "failed":
+            raise RuntimeError(f"loading models failed: {self.error}")
 
-        with self._lock:
-            if self.state in ("loading", "ready"):
-                return
-            self.state = "loading"
+    def _load(self, device: str | None, threads: int) -> None:
         try:
+            from . import backend  # torch is imported only once models are really loaded
+
             self.device = backend.pick_device(device or self.settings.device)
             backend.set_threads(threads or self.settings.torch_threads)
             for entry in self.entries.values():
                 self.models[entry.spec.id] = self._load_one(backend, entry.spec, self.device)
         except Exception as exc:
-            self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
+            self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"  # for the log, never a client
             raise
-        self.state = "ready"
+        else:
+            self.state = "ready"
+        finally:
+            self._settled.set()
 
     def _load_one(self, backend: Any, spec: ModelSpec, device: str) -> LoadedModel:
         started = time.monotonic()

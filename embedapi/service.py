@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import base64
 import secrets
-import threading
-import time
 from typing import Any, Callable
 
 import numpy as np
 
 from .config import Settings
-from .errors import InvalidRequest, ModelNotReady
+from .errors import InvalidRequest
 from .prompts import choose_prefix, with_prefix
 from .registry import Registry
 
@@ -25,6 +23,10 @@ Gone = Callable[[], bool] | None
 # Gunicorn's workers share one listening socket, so a worker the master has just started (or restarted
 # after a crash) is handed connections while it loads; waiting turns those into slow answers, not errors.
 LOADING_WAIT_S = 60.0
+
+
+def _loading_wait(settings: Settings) -> float:
+    return min(LOADING_WAIT_S, settings.request_timeout_s)
 
 
 def _check_count(n: int, limit: int, param: str) -> None:
@@ -45,31 +47,12 @@ def _unit(rows: np.ndarray) -> np.ndarray:
     return rows / np.maximum(norms, 1e-12)
 
 
-def _model(registry: Registry, settings: Settings, name: str, kind: str, gone: Gone) -> Any:
-    """`registry.get`, waiting (bounded) while this worker is still loading, unless the client leaves."""
-    deadline = time.monotonic() + min(LOADING_WAIT_S, settings.request_timeout_s)
-    while True:
-        try:
-            return registry.get(name, kind)
-        except ModelNotReady:
-            if not _loading(registry) or time.monotonic() >= deadline or (gone is not None and gone()):
-                raise
-            time.sleep(0.05)
-
-
-def _loading(registry: Registry) -> bool:
-    """Loading has started: the registry says so, or its loader thread is still importing torch (the
-    state turns "loading" only after that import, which takes seconds)."""
-    return registry.state == "loading" or (
-        registry.state == "idle" and any(t.name == "model-loader" and t.is_alive() for t in threading.enumerate()))
-
-
 def embed(registry: Registry, settings: Settings, req: dict[str, Any], gone: Gone = None) -> dict[str, Any]:
     """OpenAI embeddings (+ the seed's extensions) → response dict with numpy rows or base64 strings."""
     texts: list[str] = req["input"]
     _check_count(len(texts), settings.max_inputs, "input")
     _check_chars(texts, settings.max_text_chars, "input")
-    entry, model = _model(registry, settings, req["model"], "embedding", gone)
+    entry, model = registry.get(req["model"], "embedding", _loading_wait(settings), gone)
     spec = entry.spec
 
     dims = req.get("dimensions")
@@ -119,7 +102,7 @@ def rerank(registry: Registry, settings: Settings, req: dict[str, Any], gone: Go
     _check_count(len(docs), settings.max_documents, "documents")
     _check_chars([req["query"]], settings.max_text_chars, "query")
     _check_chars(docs, settings.max_text_chars, "documents")
-    entry, model = _model(registry, settings, req["model"], "rerank", gone)
+    entry, model = registry.get(req["model"], "rerank", _loading_wait(settings), gone)
     encoder = model.encoder
 
     query_ids, *doc_ids = encoder.ids([req["query"], *docs])

@@ -186,8 +186,6 @@ def test_a_request_id_header_cannot_inject_into_logs_or_responses(client):
         assert "\n" not in echoed and "\x1b" not in echoed and len(echoed) <= 128
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (registry.py, not this test's files): a worker whose model failed to "
-                   "load answers 503 with the loader's exception text, which holds the model's file path")
 def test_a_model_that_failed_to_load_does_not_leak_its_path(tmp_path):
     missing = tmp_path / "secret-dir" / "model"
     config = tmp_path / "models.toml"
