@@ -55,6 +55,7 @@ FROM base AS runtime
 ENV PATH=/opt/venv/bin:${PATH} \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
+    MALLOC_ARENA_MAX=2 \
     HF_HOME=/cache/huggingface \
     EMBEDAPI_DEVICE=cuda \
     APP_PORT=8000
