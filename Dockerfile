@@ -9,12 +9,13 @@
 #   PRELOAD_MODELS  space-separated model ids to bake into the image, e.g.
 #                   --build-arg PRELOAD_MODELS="cl-nagoya/ruri-v3-310m cl-nagoya/ruri-v3-reranker-310m"
 #                   (default empty: models are downloaded at start-up into the /cache/huggingface volume).
-#   CUDA_VERSION    tag of the nvidia/cuda runtime base. The torch wheels from the PyTorch CUDA index
-#                   bring their own CUDA libraries, so this mainly has to be one the host driver supports.
+#   CUDA_VERSION    tag of the nvidia/cuda runtime base. PyPI's torch wheel brings its own CUDA
+#                   libraries, so this mainly has to be one the host driver supports.
 #   PIP_VERSION     pip used inside the virtualenv.
 #
-# Torch comes from requirements-gpu.txt, which names the PyTorch CUDA index itself
-# (--extra-index-url) and pins the rest of the dependencies.
+# Torch comes from requirements-gpu.txt: PyPI's Linux x86_64 torch 2.13.0 is the CUDA build (it bundles
+# the CUDA runtime and cuDNN); requirements.txt pins the rest. Not built here (no Docker engine or GPU
+# on the development machines): hadolint checks it in CI.
 
 ARG CUDA_VERSION=12.4.1
 
