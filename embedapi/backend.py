@@ -67,6 +67,9 @@ def pick_dtype(requested: str, device: str) -> torch.dtype:
     return torch.float32
 
 
+CPU_BATCH_TOKENS = 4096
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -123,6 +126,10 @@ class TorchRunner:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.token_types = "token_type_ids" in getattr(tokenizer, "model_input_names", ())
         self.max_seq_length = _max_length(model)
+        # On CPU, batches past a few thousand padded tokens only grow the activations out of cache: one
+        # request of 300 mixed texts ran 1.3-1.4x faster at 4096 than at 16384 (README, Benchmark). The
+        # engine caps its token budget at this hint; GPUs want the big batches and get no cap.
+        self.batch_tokens_hint: int | None = CPU_BATCH_TOKENS if self.device.type == "cpu" else None
 
     def run(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
         width = max(len(s) for s in batch)
