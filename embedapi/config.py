@@ -158,7 +158,7 @@ class Settings:
     max_documents: int = 1000
     max_text_chars: int = 200_000
     max_body_bytes: int = 32 * 1024 * 1024
-    max_batch_tokens: int = 16384
+    max_batch_tokens: int = 0  # 0 = the device's default (backend: 4096 on CPU, 16384 elsewhere)
     max_batch_size: int = 256
     batch_wait_ms: float = 2.0
     max_queue_tokens: int = 1_048_576
@@ -191,7 +191,7 @@ class Settings:
             max_documents=_env_int(env, "EMBEDAPI_MAX_DOCUMENTS", 1000),
             max_text_chars=_env_int(env, "EMBEDAPI_MAX_TEXT_CHARS", 200_000),
             max_body_bytes=_env_int(env, "EMBEDAPI_MAX_BODY_BYTES", 32 * 1024 * 1024),
-            max_batch_tokens=_env_int(env, "EMBEDAPI_MAX_BATCH_TOKENS", 16384),
+            max_batch_tokens=_env_int(env, "EMBEDAPI_MAX_BATCH_TOKENS", 0),
             max_batch_size=_env_int(env, "EMBEDAPI_MAX_BATCH_SIZE", 256),
             batch_wait_ms=_env_float(env, "EMBEDAPI_BATCH_WAIT_MS", 2.0),
             max_queue_tokens=_env_int(env, "EMBEDAPI_MAX_QUEUE_TOKENS", 1_048_576),

@@ -101,9 +101,7 @@ class Engine:
                  observer: BatchObserver | None = None, device_lock: threading.Lock | None = None) -> None:
         self.name = name
         self.runner = runner
-        # A runner may know a better budget for its device (CPU: small batches stay in cache); the smaller wins.
-        hint = getattr(runner, "batch_tokens_hint", None)
-        self.max_batch_tokens = min(max_batch_tokens, hint) if hint else max_batch_tokens
+        self.max_batch_tokens = max_batch_tokens
         self.max_batch_size = max_batch_size
         self.batch_wait = batch_wait_ms / 1000.0
         self.max_queue_tokens = max_queue_tokens

@@ -163,7 +163,7 @@ class Registry:
         runner = backend.TorchRunner(model, device, dtype, spec.kind)
         encoder = TextEncoder(model.tokenizer, runner.max_seq_length)
         s = self.settings
-        engine = Engine(spec.id, runner, max_batch_tokens=s.max_batch_tokens, max_batch_size=s.max_batch_size,
+        engine = Engine(spec.id, runner, max_batch_tokens=s.max_batch_tokens or runner.default_batch_tokens, max_batch_size=s.max_batch_size,
                         batch_wait_ms=s.batch_wait_ms, max_queue_tokens=s.max_queue_tokens, batching=s.batching,
                         observer=self.observer, device_lock=self._device_lock)
         dims = None
