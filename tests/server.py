@@ -45,7 +45,9 @@ def call(method: str, url: str, body: Any = None, headers: dict[str, str] | None
 class GunicornServer:
     """Starts Gunicorn with the repository's config; stop() sends SIGTERM and waits."""
 
-    def __init__(self, models_file: Path, workers: int = 2, env: dict[str, str] | None = None) -> None:
+    def __init__(self, models_file: Path, workers: int = 2, env: dict[str, str] | None = None,
+                 config: str | Path = "gunicorn.conf.py") -> None:
+        self.config = config
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.metrics_dir = tempfile.mkdtemp(prefix="embedapi-metrics-")
@@ -68,7 +70,7 @@ class GunicornServer:
 
     def start(self, timeout: float = 180) -> "GunicornServer":
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
+        self.proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", str(self.config), "wsgi:app"],
                                      cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
         self.wait_ready(timeout)
         return self

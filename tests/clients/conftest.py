@@ -8,15 +8,13 @@ are loaded by the real loading code; nothing in the request path is replaced.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from ..server import ROOT, GunicornServer, call
+from ..server import GunicornServer, call
 
 EMBED = "cl-nagoya/ruri-v3-310m"  # -> model_dirs["embed"] (st_model)
 EMBED_30M = "cl-nagoya/ruri-v3-30m"  # -> model_dirs["embed-short"] (st_short, max_seq_length 16)
@@ -47,21 +45,6 @@ dtype = "float32"
 """
 
 
-class ConfiguredServer(GunicornServer):
-    """GunicornServer started with another config file (the fault-injecting one)."""
-
-    def __init__(self, models_file: Path, config: Path, **kwargs: Any) -> None:
-        super().__init__(models_file, **kwargs)
-        self.config = config
-
-    def start(self, timeout: float = 180) -> "ConfiguredServer":
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", str(self.config), "wsgi:app"],
-                                     cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
-        self.wait_ready(timeout)
-        return self
-
-
 @pytest.fixture(scope="session")
 def real_names_file(model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("clients-config") / "models.toml"
@@ -82,7 +65,7 @@ def live(real_names_file: Path):
 def guarded(real_names_file: Path):
     """One worker with API keys, a tiny queue and a slow forward pass (injected fault), for the
     401 and 429 paths."""
-    server = ConfiguredServer(real_names_file, FAULT_CONFIG, workers=1, env={
+    server = GunicornServer(real_names_file, workers=1, config=FAULT_CONFIG, env={
         "EMBEDAPI_API_KEYS": API_KEY,
         "EMBEDAPI_MAX_QUEUE_TOKENS": "1",
         "EMBEDAPI_TEST_FORWARD_DELAY": "1.0",

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from ..server import ROOT, GunicornServer
+from ..server import GunicornServer
 
 CONFIG = Path(__file__).resolve().parent / "gunicorn_faults.conf.py"
 BATCH = re.compile(r"FAULTS batch pid=(\d+) model=(\S+) outcome=(\w+) texts=(\[.*\])$", re.M)
@@ -18,11 +16,11 @@ BATCH = re.compile(r"FAULTS batch pid=(\d+) model=(\S+) outcome=(\w+) texts=(\[.
 class FaultServer(GunicornServer):
     """The real app and settings; each worker's runners wrapped by the faults config."""
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, config=CONFIG, **kwargs)
+
     def start(self, timeout: float = 180) -> "FaultServer":
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", str(CONFIG), "wsgi:app"],
-                                     cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
-        self.wait_ready(timeout)
+        super().start(timeout)
         self.wait_armed(timeout)
         return self
 
