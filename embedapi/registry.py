@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -44,10 +44,16 @@ class Entry:
     prefixes: dict[str, str]
 
 
+class Observer(BatchObserver, Protocol):
+    """What the registry reports (metrics): the engine's batch events plus each model's load."""
+
+    def model_loaded(self, model: str, kind: str, device: str, seconds: float) -> None: ...
+
+
 class Registry:
     """Holds this process's models. Nothing is ever loaded for a name that is not configured."""
 
-    def __init__(self, settings: Settings, observer: BatchObserver | None = None) -> None:
+    def __init__(self, settings: Settings, observer: Observer | None = None) -> None:
         self.settings = settings
         self.observer = observer
         self.entries: dict[str, Entry] = {}
@@ -176,9 +182,8 @@ class Registry:
         seconds = time.monotonic() - started
         log.info("loaded %s in %.1fs (dtype %s, max_seq_length %d)", spec.id, seconds,
                  backend.dtype_name(dtype), encoder.max_seq_length)
-        loaded_hook = getattr(self.observer, "model_loaded", None)  # metrics: load seconds, models per worker
-        if loaded_hook is not None:
-            loaded_hook(spec.id, spec.kind, device, seconds)
+        if self.observer is not None:
+            self.observer.model_loaded(spec.id, spec.kind, device, seconds)
         return LoadedModel(spec, encoder, engine, dims, device, backend.dtype_name(dtype), seconds,
                            backend.activation(model))
 
