@@ -1,8 +1,9 @@
-"""Per-model dynamic batching: request threads submit token ids, one inference thread runs batches.
+"""Per-model dynamic batching: request threads submit token ids, inference threads run batches.
 
 No Flask here. A request thread calls `Engine.submit(seqs)` and waits on the returned `Job`;
-the engine thread coalesces the items of all waiting jobs into length-sorted batches under a
-padded-token budget (longest × count) and hands each job its rows.
+the engine's lane threads coalesce the items of all waiting jobs into length-sorted batches under
+a padded-token budget (longest × count) and hand each job its rows. `DeviceSlots` bounds how many
+forward passes run at once on a device (across its models) and how many CPU threads each may use.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ import logging
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -40,6 +42,44 @@ class _NullObserver:
 
     def queue_depth(self, *args: object, **kwargs: object) -> None:
         pass
+
+
+class DeviceSlots:
+    """Forward passes that may run at once on one device, shared by the engines of its models.
+
+    On CPU, one forward pass of a small batch keeps two threads only partly busy (they meet at a
+    barrier after every op, and Python runs between ops), so under load `lanes` passes run side by
+    side on an equal share of the worker's `threads` each; a pass that starts with nothing else to do
+    gets all of them, so an idle server answers as fast as one pass on every core. `threads` 0 leaves
+    the thread count alone (GPUs).
+    """
+
+    def __init__(self, lanes: int = 1, threads: int = 0) -> None:
+        self.lanes = max(1, lanes)
+        self.threads = max(0, threads)
+        self.share = max(1, self.threads // self.lanes) if self.threads else 0
+        self._running = 0
+        self._cond = threading.Condition()
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    @contextmanager
+    def slot(self, alone: bool) -> Iterator[int]:
+        """Wait for a free lane; yield the CPU threads this pass may use (all if `alone` and no other
+        pass runs, else a share; 0 = leave as is)."""
+        with self._cond:
+            while self._running >= self.lanes:
+                self._cond.wait()
+            self._running += 1
+            threads = self.threads if (alone and self._running == 1) else self.share
+        try:
+            yield threads
+        finally:
+            with self._cond:
+                self._running -= 1
+                self._cond.notify()
 
 
 @dataclass(eq=False)
@@ -94,11 +134,12 @@ class _Item:
 
 
 class Engine:
-    """A bounded queue and one inference thread for one model."""
+    """A bounded queue and `slots.lanes` inference threads for one model."""
 
     def __init__(self, name: str, runner: Runner, *, max_batch_tokens: int = 16384, max_batch_size: int = 256,
                  batch_wait_ms: float = 2.0, max_queue_tokens: int = 1 << 20, batching: bool = True,
-                 observer: BatchObserver | None = None, device_lock: threading.Lock | None = None) -> None:
+                 observer: BatchObserver | None = None, slots: DeviceSlots | None = None,
+                 set_threads: Callable[[int], None] | None = None) -> None:
         self.name = name
         self.runner = runner
         self.max_batch_tokens = max_batch_tokens
@@ -107,15 +148,19 @@ class Engine:
         self.max_queue_tokens = max_queue_tokens
         self.batching = batching
         self.observer = observer or _NullObserver()
-        self.device_lock = device_lock or threading.Lock()
+        # Batching off is the seeds' design: one request per forward pass, one at a time.
+        self.slots = slots if slots is not None and batching else DeviceSlots(1, slots.threads if slots else 0)
+        self.set_threads = set_threads
         self._pending: deque[_Item] = deque()
         self._queued_tokens = 0
         self._cond = threading.Condition()
+        self._fill_lock = threading.Lock()  # a request split over batches gets rows from several lanes
         self._stopping = False
-        self._busy = False
         self._last_jobs = 1
-        self._thread = threading.Thread(target=self._loop, name=f"engine:{name}", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._loop, name=f"engine:{name}:{i}", daemon=True)
+                         for i in range(self.slots.lanes)]
+        for thread in self._threads:
+            thread.start()
 
     # -- request side ------------------------------------------------------------------
     def submit(self, seqs: Sequence[Sequence[int]]) -> Job:
@@ -151,7 +196,9 @@ class Engine:
                 self._pending.clear()
                 self._queued_tokens = 0
             self._cond.notify_all()
-        self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     # -- engine side -------------------------------------------------------------------
     def _loop(self) -> None:
@@ -162,8 +209,11 @@ class Engine:
                 if not self._pending and self._stopping:
                     return
                 batch = self._take_batch()
+                alone = not self._pending
+                if not alone:
+                    self._cond.notify()  # work left: wake an idle lane
             if batch:
-                self._run(batch)
+                self._run(batch, alone)
 
     def _take_batch(self) -> list[_Item]:
         """Pick the batch holding the oldest live item (lock held).
@@ -226,22 +276,26 @@ class Engine:
             real += n
         return batch
 
-    def _run(self, batch: list[_Item]) -> None:
-        started = time.monotonic()
+    def _run(self, batch: list[_Item], alone: bool) -> None:
         jobs = {id(it.job): it.job for it in batch}
         self._last_jobs = len(jobs)
         try:
-            with self.device_lock:
+            with self.slots.slot(alone) as threads:
+                started = time.monotonic()
+                if threads and self.set_threads is not None:
+                    self.set_threads(threads)
                 rows = self.runner.run([it.ids for it in batch])
         except Exception as exc:  # a failed forward fails this batch's requests, not the worker
             log.exception("forward pass failed for model %s (batch of %d)", self.name, len(batch))
-            for job in jobs.values():
-                job._fail(exc)
+            with self._fill_lock:
+                for job in jobs.values():
+                    job._fail(exc)
             return
         finished = time.monotonic()
-        for item, row in zip(batch, rows):
-            if item.job.error is None:
-                item.job._fill(item.index, row)
+        with self._fill_lock:
+            for item, row in zip(batch, rows):
+                if item.job.error is None:
+                    item.job._fill(item.index, row)
         queue_s = started - min(job.submitted for job in jobs.values())
         lengths = [len(it.ids) for it in batch]
         self.observer.batch_done(self.name, len(batch), len(batch) * max(lengths), sum(lengths),

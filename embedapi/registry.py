@@ -11,7 +11,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 
 from .config import ModelSpec, Settings
-from .engine import BatchObserver, Engine
+from .engine import BatchObserver, DeviceSlots, Engine
 from .errors import ClientGone, InvalidRequest, ModelNotFound, ModelNotReady
 from .prompts import resolve_prompts
 from .tokenization import TextEncoder
@@ -69,7 +69,7 @@ class Registry:
         self.device: str | None = None
         self._lock = threading.Lock()
         self._settled = threading.Event()  # set once loading has ended, ready or failed
-        self._device_lock = threading.Lock()
+        self._slots: DeviceSlots | None = None
 
     # -- lookup ------------------------------------------------------------------------
     def entry(self, name: str) -> Entry:
@@ -150,7 +150,10 @@ class Registry:
             from . import backend  # torch is imported only once models are really loaded
 
             self.device = backend.pick_device(device or self.settings.device)
-            backend.set_threads(threads or self.settings.torch_threads)
+            in_effect = backend.set_threads(threads or self.settings.torch_threads)
+            cpu = self.device == "cpu"
+            lanes = self.settings.parallel_batches or backend.default_lanes(self.device, in_effect)
+            self._slots = DeviceSlots(lanes, in_effect if cpu else 0)
             for entry in self.entries.values():
                 self.models[entry.spec.id] = self._load_one(backend, entry.spec, self.device)
         except Exception as exc:
@@ -169,9 +172,10 @@ class Registry:
         runner = backend.TorchRunner(model, device, dtype, spec.kind)
         encoder = TextEncoder(model.tokenizer, runner.max_seq_length)
         s = self.settings
-        engine = Engine(spec.id, runner, max_batch_tokens=s.max_batch_tokens or runner.default_batch_tokens, max_batch_size=s.max_batch_size,
-                        batch_wait_ms=s.batch_wait_ms, max_queue_tokens=s.max_queue_tokens, batching=s.batching,
-                        observer=self.observer, device_lock=self._device_lock)
+        engine = Engine(spec.id, runner, max_batch_tokens=s.max_batch_tokens or runner.default_batch_tokens,
+                        max_batch_size=s.max_batch_size, batch_wait_ms=s.batch_wait_ms,
+                        max_queue_tokens=s.max_queue_tokens, batching=s.batching, observer=self.observer,
+                        slots=self._slots, set_threads=backend.use_threads)
         dims = None
         if spec.kind == "embedding":
             warm = encoder.single(encoder.ids([_WARMUP_TEXT])[0])

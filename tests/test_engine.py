@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from embedapi.engine import Engine
+from embedapi.engine import DeviceSlots, Engine
 from embedapi.errors import ClientGone, QueueFull
 
 from .conftest import EMBED, RERANK
@@ -38,7 +38,8 @@ SIMILAR = [0, 1, 2, 3, 4, 6, 7]  # texts of similar lengths: one batch without h
 
 class Spy:
     """Records every batch the engine runs (as ids of the submitted sequence objects), then runs it
-    on the real runner. `hold()` makes the next batch wait at a gate until `release()`."""
+    on the real runner. `hold(n)` makes the next n batches wait at a gate until `release()`;
+    `entered` is set once all n are at the gate."""
 
     def __init__(self, runner) -> None:
         self.runner = runner
@@ -47,10 +48,12 @@ class Spy:
         self.entered = threading.Event()
         self._gate: threading.Event | None = None
         self._held: threading.Event | None = None
+        self._to_hold = 0
         self._lock = threading.Lock()
 
-    def hold(self) -> None:
+    def hold(self, n: int = 1) -> None:
         self.entered.clear()
+        self._to_hold = n
         self._gate = self._held = threading.Event()
 
     def release(self) -> None:
@@ -61,8 +64,12 @@ class Spy:
         with self._lock:
             self.batches.append([id(s) for s in batch])
             self.lengths.append([len(s) for s in batch])
-        gate, self._gate = self._gate, None
-        self.entered.set()
+        with self._lock:
+            gate = self._gate
+            self._to_hold -= 1
+            if self._to_hold <= 0:
+                self._gate = None
+                self.entered.set()
         if gate is not None:
             assert gate.wait(BOUND), "test never released the gate"
         return self.runner.run(batch)
@@ -278,8 +285,16 @@ def test_concurrent_http_requests_coalesce_in_the_app_engine(app, embed_model, s
     engine.runner = spy
     n = len(SIMILAR)
     try:
-        spy.hold()
-        blocker = engine.submit([list(embed_model.encoder.single(embed_model.encoder.ids(["待機"])[0]))])
+        lanes = engine.slots.lanes  # every lane busy, so the requests below have to queue
+        spy.hold(lanes)
+        blocker_seq = list(embed_model.encoder.single(embed_model.encoder.ids(["待機"])[0]))
+        blockers = []
+        for i in range(lanes):  # one at a time, or the first lane would take them all in one batch
+            blockers.append(engine.submit([blocker_seq]))
+            for _ in range(int(BOUND / 0.01)):
+                if len(spy.batches) > i:
+                    break
+                threading.Event().wait(0.01)
         assert spy.entered.wait(BOUND)
 
         def post(i: int):
@@ -295,11 +310,41 @@ def test_concurrent_http_requests_coalesce_in_the_app_engine(app, embed_model, s
             assert len(engine._pending) == n
             spy.release()
             responses = [f.result(BOUND) for f in futures]
-        blocker.wait(BOUND)
+        for blocker in blockers:
+            blocker.wait(BOUND)
     finally:
         engine.runner = spy.runner
     assert [r.status_code for r in responses] == [200] * n
-    assert len(spy.batches) == 2 and len(spy.batches[1]) == n
+    assert len(spy.batches) == lanes + 1 and len(spy.batches[lanes]) == n
     got = np.array([r.get_json()["data"][0]["embedding"] for r in responses], dtype=np.float32)
     expected = st_model.encode([TEXTS[i] for i in SIMILAR], normalize_embeddings=True)
     np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_two_lanes_run_batches_side_by_side_and_one_request_gets_rows_from_both(make_engine, seqs, singles):
+    """With two lanes a second forward pass starts while the first is still running, and a request split
+    over both passes still gets every row, in order, equal to the model's own."""
+    used: list[int] = []
+    engine, spy = make_engine(max_batch_size=2, slots=DeviceSlots(lanes=2, threads=2), set_threads=used.append)
+    spy.hold(2)  # both lanes stop at the gate: two passes are inside the model at once
+    job = engine.submit(fresh(seqs[:4]))
+    assert spy.entered.wait(BOUND), "the second lane never started a pass while the first was running"
+    spy.release()
+    rows = job.wait(BOUND)
+    assert len(spy.batches) == 2 and all(len(b) == 2 for b in spy.batches)
+    np.testing.assert_allclose(rows, singles[:4], atol=1e-5)
+    assert used == [1, 1]  # side by side: each pass on its share of the two threads
+
+
+def test_a_lone_pass_gets_every_thread(make_engine, seqs, singles):
+    used: list[int] = []
+    engine, spy = make_engine(slots=DeviceSlots(lanes=2, threads=2), set_threads=used.append)
+    rows = engine.submit(fresh(seqs[:1])).wait(BOUND)
+    np.testing.assert_allclose(rows, singles[:1], atol=1e-5)
+    assert used == [2]
+
+
+def test_batching_off_runs_one_pass_at_a_time_on_every_thread(make_engine, seqs):
+    """The seeds' design, kept for comparison: one request per pass, never two passes at once."""
+    engine, spy = make_engine(batching=False, slots=DeviceSlots(lanes=2, threads=2))
+    assert engine.slots.lanes == 1 and engine.slots.threads == 2
