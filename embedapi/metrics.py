@@ -10,6 +10,7 @@ the registry calls `model_loaded`, the access-log hook calls `request_done`.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, \
     values
@@ -61,13 +62,21 @@ class Metrics:
         self.load_seconds = Gauge("embedapi_model_load_seconds",
                                   "Seconds this worker took to load and warm the model (one series per worker).",
                                   ["model", "kind"], multiprocess_mode="liveall", registry=r)
+        self._request_series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self.models_loaded = Gauge("embedapi_models_loaded", "Models loaded and warmed in this worker (per worker).",
                                    ["device"], multiprocess_mode="liveall", registry=r)
 
     # -- HTTP ----------------------------------------------------------------------------
     def request_done(self, route: str, method: str, status: int, seconds: float) -> None:
-        self.requests.labels(route, method, str(status)).inc()
-        self.request_seconds.labels(route, method).observe(seconds)
+        # Label lookups cost more than the update itself; the series are few (URL rules x methods x
+        # statuses), so each request's pair is looked up once and kept.
+        key = (route, method, status)
+        pair = self._request_series.get(key)
+        if pair is None:
+            pair = (self.requests.labels(route, method, str(status)), self.request_seconds.labels(route, method))
+            self._request_series[key] = pair
+        pair[0].inc()
+        pair[1].observe(seconds)
 
     # -- engine (BatchObserver) ------------------------------------------------------------
     def batch_done(self, model: str, size: int, padded_tokens: int, real_tokens: int,

@@ -62,17 +62,23 @@ def _start() -> None:
 
 
 def _finish(response: Response) -> Response:
-    response.headers["X-Request-ID"] = g.get("request_id", "")
-    seconds = time.perf_counter() - g.get("started", time.perf_counter())
+    # Runs on every request: the context-local proxies are resolved once each.
+    req, ctx = request._get_current_object(), g._get_current_object()  # type: ignore[attr-defined]
+    request_id = ctx.get("request_id")
+    response.headers["X-Request-ID"] = request_id or ""
+    seconds = time.perf_counter() - ctx.get("started", time.perf_counter())
+    status, method = response.status_code, req.method
     metrics = current_app.extensions.get("embedapi.metrics")
     if metrics is not None:
         # The URL rule, never the raw path: unknown paths must not create a series each.
-        route = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
-        metrics.request_done(route, request.method, response.status_code, seconds)
-    log.info("%s %s %d %.1fms", request.method, request.path, response.status_code, seconds * 1000,
-             extra={"request_id": g.get("request_id"), "status": response.status_code, "method": request.method,
-                    "path": request.path, "duration_ms": round(seconds * 1000, 2),
-                    "model": g.get("model"), "items": g.get("items"), "tokens": g.get("tokens")})
+        route = req.url_rule.rule if req.url_rule is not None else "<unmatched>"
+        metrics.request_done(route, method, status, seconds)
+    if log.isEnabledFor(logging.INFO):
+        path = req.path
+        log.info("%s %s %d %.1fms", method, path, status, seconds * 1000,
+                 extra={"request_id": request_id, "status": status, "method": method, "path": path,
+                        "duration_ms": round(seconds * 1000, 2), "model": ctx.get("model"),
+                        "items": ctx.get("items"), "tokens": ctx.get("tokens")})
     return response
 
 
