@@ -6,7 +6,8 @@ ruri-v3-30m / -310m, reranker-310m as a one-label classifier) are built once and
 in one run on the same machine, it measures and prints:
 
   1. raw SentenceTransformer.encode throughput at its best batch size (float32 and bfloat16)
-  2. the server (1 worker, 2 torch threads) with 32 concurrent clients, one ~50-token text each
+  2. the server (defaults: 1 worker, 2 torch threads, two forward passes side by side) with 32
+     concurrent clients, one ~50-token text each; also with 2 workers x 1 thread (not the default)
   3. the same with EMBEDAPI_BATCHING=false (one request per forward pass: the seeds' design)
   4. one request of 1,000 texts of mixed lengths (10-500 tokens) vs raw encode of the same texts
   5. p50/p99 latency of one short request on an idle server vs raw single encode
@@ -356,6 +357,12 @@ def main() -> int:
                 "", "")
     raw32 = max(default["float32"][0], tuned["float32"][0])
     raw16 = max(default["bfloat16"][0], tuned["bfloat16"][0])
+    # For reference only (not the baseline): one torch thread, as each of the server's side-by-side passes.
+    torch.set_num_threads(1)
+    one = raw_encode_best(st, short_texts, reps)
+    torch.set_num_threads(TORCH_THREADS)
+    row("(1) raw encode, 1 torch thread (reference), float32 / bfloat16",
+        f"{one['float32'][0]:.1f} (bs {one['float32'][1]}) / {one['bfloat16'][0]:.1f} (bs {one['bfloat16'][1]})", "", "")
     row("(1) baseline: best raw float32 / bfloat16", f"{raw32:.1f} / {raw16:.1f}", "",
         f"bf16 = {raw16 / raw32:.2f}x fp32")
 
@@ -516,13 +523,26 @@ def main() -> int:
             f"{n_mixed / secs:.1f}", f"{n_mixed / secs / raw_mixed:.2f}x raw fp32")
     finally:
         server.stop()
+
+    # not the default: two workers of one torch thread each (two GILs, two copies of the model) -------
+    print("server dtype auto, 2 workers x 1 thread ...", file=sys.stderr, flush=True)
+    server = GunicornServer(toml_a, workers=2, env={"EMBEDAPI_TORCH_THREADS": "1", "EMBEDAPI_THREADS": "64",
+                                                    "EMBEDAPI_MAX_INPUTS": "2048"}).start(timeout=600)
+    try:
+        load_run(server.port, one_bodies[:64], 32)
+        secs = best_of(reps, lambda: load_run(server.port, srv_bodies, 32))
+        srv_2w = n_server / secs
+        row(f"(2) server, 32 clients, dtype auto ({dtype}), 2 workers x 1 thread (not the default), texts/s",
+            f"{raw32:.1f}", f"{srv_2w:.1f}", f"{srv_2w / raw32:.2f}x raw fp32")
+    finally:
+        server.stop()
         toml_a.unlink()
 
     # the table --------------------------------------------------------------------------------
     print()
     print(f"embedapi benchmark: {'smoke' if smoke else ('quick' if quick else 'full')} run, "
           f"embedding model ruri-v3-30m shape{' (smoke: tiny)' if smoke else ''}, 1 worker, "
-          f"{TORCH_THREADS} torch threads, {os.cpu_count()} CPUs, torch {torch.__version__}, best of {reps}")
+          f"{TORCH_THREADS} torch threads, 2 side-by-side passes, {os.cpu_count()} CPUs, torch {torch.__version__}, best of {reps}")
     head = ("measurement", "raw", "server", "ratio", "target")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(5)]
     line = "| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |"
