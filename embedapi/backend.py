@@ -46,7 +46,7 @@ def tune_malloc(env: Mapping[str, str] = os.environ) -> bool:
         bool(mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD))
 
 
-MALLOC_TUNED = tune_malloc()
+tune_malloc()
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -61,10 +61,6 @@ class DeviceSlots:
         self._running = 0
         self._cond = threading.Condition()
 
-    @property
-    def running(self) -> int:
-        return self._running
-
     @contextmanager
     def slot(self, alone: bool) -> Iterator[int]:
         """Wait for a free lane; yield the CPU threads this pass may use (all if `alone` and no other

@@ -151,9 +151,10 @@ class Registry:
 
             self.device = backend.pick_device(device or self.settings.device)
             in_effect = backend.set_threads(threads or self.settings.torch_threads)
-            cpu = self.device == "cpu"
-            lanes = self.settings.parallel_batches or backend.default_lanes(self.device, in_effect)
-            self._slots = DeviceSlots(lanes, in_effect if cpu else 0)
+            # Batching off (the seeds' design, for comparison): one pass at a time across all models.
+            lanes = (self.settings.parallel_batches or backend.default_lanes(self.device, in_effect)
+                     if self.settings.batching else 1)
+            self._slots = DeviceSlots(lanes, in_effect if self.device == "cpu" else 0)
             for entry in self.entries.values():
                 self.models[entry.spec.id] = self._load_one(backend, entry.spec, self.device)
         except Exception as exc:
