@@ -185,3 +185,13 @@ def test_download_with_the_hub_unreachable(tmp_path):
                                                "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"})
     assert out.returncode == 1
     assert "cannot reach the Hugging Face Hub for acme/missing and it is not in the cache" in out.stdout
+
+
+def test_config_lists_every_setting():
+    """A setting added to Settings but not to the `config` table would be invisible to operators."""
+    from dataclasses import fields
+
+    from embedapi.__main__ import SETTINGS_ENV
+    from embedapi.config import Settings
+
+    assert {f.name for f in fields(Settings)} - {"models"} <= set(SETTINGS_ENV)
