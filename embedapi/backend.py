@@ -8,7 +8,6 @@ is what `SentenceTransformer.encode` / `CrossEncoder.predict` compute.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 import threading
@@ -39,7 +38,7 @@ def tune_malloc(env: Mapping[str, str] = os.environ) -> bool:
                               "GLIBC_TUNABLES")):
         return False
     try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+        mallopt = ctypes.CDLL(None).mallopt  # the process's own symbols: libc's, without a library search
     except (OSError, AttributeError):
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)) and \
