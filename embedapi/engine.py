@@ -144,8 +144,7 @@ class Engine:
         self.max_queue_tokens = max_queue_tokens
         self.batching = batching
         self.observer = observer or _NullObserver()
-        # Batching off is the seeds' design: one request per forward pass, one at a time.
-        self.slots = slots if slots is not None and batching else DeviceSlots(1, slots.threads if slots else 0)
+        self.slots = slots or DeviceSlots()  # the registry shares one per device across its models
         self.set_threads = set_threads
         self._pending: deque[_Item] = deque()
         self._queued_tokens = 0

@@ -56,3 +56,19 @@ def test_the_registry_gives_every_model_the_device_slots(models_file):
     finally:
         app.extensions["embedapi"].registry.shutdown()
         torch.set_num_threads(before)
+
+
+def test_batching_off_runs_one_pass_at_a_time_on_every_thread(models_file):
+    """The seeds' design, kept for comparison: one request per pass, never two passes at once on the
+    device, whatever EMBEDAPI_PARALLEL_BATCHES says; the single lane is shared by the device's models."""
+    before = torch.get_num_threads()
+    app = create_app({"models_file": str(models_file), "load_models": "sync", "batching": False,
+                      "parallel_batches": 2, "torch_threads": 2})
+    try:
+        models = app.extensions["embedapi"].registry.models
+        assert len({id(m.engine.slots) for m in models.values()}) == 1
+        slots = models[EMBED].engine.slots
+        assert slots.lanes == 1 and slots.threads == 2
+    finally:
+        app.extensions["embedapi"].registry.shutdown()
+        torch.set_num_threads(before)

@@ -343,8 +343,3 @@ def test_a_lone_pass_gets_every_thread(make_engine, seqs, singles):
     np.testing.assert_allclose(rows, singles[:1], atol=1e-5)
     assert used == [2]
 
-
-def test_batching_off_runs_one_pass_at_a_time_on_every_thread(make_engine, seqs):
-    """The seeds' design, kept for comparison: one request per pass, never two passes at once."""
-    engine, spy = make_engine(batching=False, slots=DeviceSlots(lanes=2, threads=2))
-    assert engine.slots.lanes == 1 and engine.slots.threads == 2
