@@ -44,8 +44,8 @@ def _check_chars(texts: list[str], limit: int, param: str) -> None:
 
 def _unit(rows: np.ndarray) -> np.ndarray:
     """Rows scaled to length 1 (as torch's normalize: a zero row stays zero)."""
-    norms = np.sqrt(np.einsum("ij,ij->i", rows, rows))
-    return rows / np.maximum(norms, 1e-12)[:, None]
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    return rows / np.maximum(norms, 1e-12)
 
 
 def embed(registry: Registry, settings: Settings, req: dict[str, Any], gone: Gone = None) -> dict[str, Any]:

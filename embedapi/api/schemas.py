@@ -64,10 +64,6 @@ class StrictBoolean(fields.Boolean):
         return value
 
 
-def _bool(**kwargs: Any) -> fields.Boolean:
-    return StrictBoolean(**kwargs)
-
-
 def _positive_int(**kwargs: Any) -> fields.Integer:
     return fields.Integer(strict=True, allow_none=True, validate=validate.Range(min=1), **kwargs)
 
@@ -85,9 +81,9 @@ class EmbeddingsRequest(_Request):
     user = fields.Raw(allow_none=True, metadata={"description": "accepted and ignored"})
     input_type = fields.String(allow_none=True, validate=validate.OneOf(list(INPUT_TYPE_ALIASES)))
     instruction = fields.String(allow_none=True)
-    apply_ruri_prefix = _bool(load_default=False)
-    normalize = _bool(allow_none=True, load_default=None)
-    truncate = _bool(load_default=True)
+    apply_ruri_prefix = StrictBoolean(load_default=False)
+    normalize = StrictBoolean(allow_none=True, load_default=None)
+    truncate = StrictBoolean(load_default=True)
 
 
 class RerankV2Request(_Request):
@@ -99,12 +95,12 @@ class RerankV2Request(_Request):
     model = fields.String(required=True, validate=validate.Length(min=1))
     top_n = _positive_int()
     max_tokens_per_doc = _positive_int()
-    return_documents = _bool(load_default=False)
+    return_documents = StrictBoolean(load_default=False)
 
 
 class RerankRequest(RerankV2Request):
     top_k = _positive_int(metadata={"description": "alias of top_n"})
-    raw_scores = _bool(load_default=False)
+    raw_scores = StrictBoolean(load_default=False)
 
     @post_load
     def _top_k_alias(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
