@@ -39,6 +39,7 @@ SETTINGS_ENV: dict[str, tuple[str, str]] = {
     "request_timeout_s": ("EMBEDAPI_REQUEST_TIMEOUT", ""),
     "torch_threads": ("EMBEDAPI_TORCH_THREADS", "0: cores / workers"),
     "parallel_batches": ("EMBEDAPI_PARALLEL_BATCHES", "0: 2 on a CPU with 2+ torch threads, else 1"),
+    "trace": ("EMBEDAPI_TRACE", "CPU: run transformers traced to TorchScript when they match eager"),
     "log_format": ("EMBEDAPI_LOG_FORMAT", ""),
     "log_level": ("EMBEDAPI_LOG_LEVEL", ""),
 }

@@ -2,15 +2,19 @@
 
 Only this module imports torch and sentence-transformers. The forward pass feeds the ids the
 service already made to the model's own modules, so nothing is tokenized twice and the result
-is what `SentenceTransformer.encode` / `CrossEncoder.predict` compute.
+is what `SentenceTransformer.encode` / `CrossEncoder.predict` compute. On CPU the transformer is
+traced to TorchScript at load (checked against the eager model, else left eager), so a pass runs
+without the GIL (see `TorchRunner`).
 """
 
 from __future__ import annotations
 
 import ctypes
+import inspect
 import logging
 import os
 import threading
+import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 # torch's intra-op pool is OpenMP (libgomp), whose idle threads spin after every parallel region. When
@@ -162,10 +166,33 @@ def _max_length(model: Any) -> int:
     return int(min(length, 1 << 20))
 
 
-class TorchRunner:
-    """Pads a batch of id sequences and runs it through a sentence-transformers model."""
+_INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 
-    def __init__(self, model: Any, device: str, dtype: torch.dtype, kind: str) -> None:
+
+class _Positional(torch.nn.Module):
+    """A Hugging Face model called with positional tensors, returning one tensor: what tracing takes."""
+
+    def __init__(self, hf_model: torch.nn.Module, names: tuple[str, ...], output: str) -> None:
+        super().__init__()
+        self.hf_model, self.names, self.output = hf_model, names, output
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.hf_model(**dict(zip(self.names, inputs)), return_dict=True)[self.output]
+
+
+class TorchRunner:
+    """Pads a batch of id sequences and runs it through a sentence-transformers model.
+
+    With `trace` (CPU), the first module's Hugging Face model is traced to TorchScript and the
+    modules after it (pooling, normalisation) run as they are. Why: an eager forward pass takes and
+    drops the GIL around each of its ~400 ops, and a request thread holding the GIL makes every
+    one of them wait (the convoy effect): two passes side by side beside one busy Python thread
+    fell from 143-161 to 9 texts/s eager, 82-96 traced (README, Benchmark). A traced pass runs
+    in C++ with the GIL released. The traced model is checked against the eager one on padded
+    batches of several lengths; if tracing fails or differs, the model stays eager (logged).
+    """
+
+    def __init__(self, model: Any, device: str, dtype: torch.dtype, kind: str, trace: bool = False) -> None:
         self.model = model.to(dtype) if dtype != torch.float32 else model
         self.device = torch.device(device)
         self.dtype = dtype
@@ -179,6 +206,21 @@ class TorchRunner:
         # padded tokens only grow the activations out of cache: one request of 300 mixed texts ran 1.3-1.4x
         # faster at 4096 than at 16384 (README, Benchmark); GPUs want the big batches.
         self.default_batch_tokens = CPU_BATCH_TOKENS if self.device.type == "cpu" else GPU_BATCH_TOKENS
+        self._script: Any = None
+        self._script_inputs: tuple[str, ...] = ()
+        self._script_output = ""
+        self._tail: list[Any] = []  # the modules after the traced one (pooling, normalisation)
+        if self.trace_on(device, trace):
+            self._trace()
+
+    @staticmethod
+    def trace_on(device: str, trace: bool) -> bool:
+        """Tracing is for the CPU, where the GIL is the bottleneck; GPU passes stay eager (untested here)."""
+        return trace and torch.device(device).type == "cpu"
+
+    @property
+    def traced(self) -> bool:
+        return self._script is not None
 
     def run(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
         width = max(len(s) for s in batch)
@@ -196,8 +238,74 @@ class TorchRunner:
         if types is not None:
             features["token_type_ids"] = torch.from_numpy(types).to(self.device)
         with torch.inference_mode():
-            out = self.model(features)[self.output_key]
+            out = self._forward(features, self._script)
         if self.kind == "rerank":
             out = out.reshape(len(batch), -1)[:, 0]
         return out.float().cpu().numpy()
 
+    def _forward(self, features: dict[str, torch.Tensor], script: Any) -> torch.Tensor:
+        if script is None:
+            return self.model(features)[self.output_key]
+        features[self._script_output] = script(*(features[n] for n in self._script_inputs))
+        for module in self._tail:
+            features = module(features)
+        return features[self.output_key]
+
+    # -- tracing ---------------------------------------------------------------------------
+    def _trace(self) -> None:
+        """Trace the first module's model; keep it only if it matches the eager model."""
+        first = self.model[0]
+        try:
+            text = first.modality_config["text"]
+            hf_model, output = first.model, text["method_output_name"]
+            if text["method"] != "forward" or not isinstance(output, str) or \
+                    getattr(hf_model.config, "output_hidden_states", False):
+                log.info("not tracing %s: its transformer is not a plain forward", type(hf_model).__name__)
+                return
+            accepted = inspect.signature(hf_model.forward).parameters
+            names = tuple(n for n in _INPUT_NAMES if n in accepted and (n != "token_type_ids" or self.token_types))
+            example = self._example_batch(2, 24, names)
+            with torch.inference_mode(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # TracerWarnings, and torch.jit's own deprecation notice
+                script = torch.jit.trace(_Positional(hf_model, names, output).eval(), tuple(example.values()),
+                                         check_trace=False)
+            self._script_inputs, self._script_output = names, first.module_output_name
+            self._tail = list(self.model)[1:]
+            mismatch = self._check(script, names)
+        except Exception as exc:  # any failure leaves the model eager, which is always correct
+            log.warning("tracing %s failed, it runs eager (%s: %s)", type(self.model[0]).__name__,
+                        type(exc).__name__, exc)
+            return
+        if mismatch:
+            log.warning("traced model differs from the eager one (%s); it runs eager", mismatch)
+            return
+        self._script = script
+
+    def _example_batch(self, rows: int, width: int, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """Token ids (fixed seed) with the last row half padding, as `run` builds them."""
+        vocab = int(getattr(self.model[0].model.config, "vocab_size", 0) or len(self.model.tokenizer))
+        gen = torch.Generator().manual_seed(width * 31 + rows)
+        ids = torch.randint(min(10, vocab - 1), vocab, (rows, width), generator=gen)
+        mask = torch.ones_like(ids)
+        if rows > 1:
+            ids[-1, width // 2:], mask[-1, width // 2:] = self.pad_id, 0
+        batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+        return {n: batch[n].to(self.device) for n in names}
+
+    def _check(self, script: Any, names: tuple[str, ...]) -> str:
+        """'' if the traced and eager models agree on batches of several sizes, else how they differ.
+
+        Lengths on both sides of ModernBERT's 128-token local window and one row, padding included;
+        each runs twice, as TorchScript optimises a graph after its first runs.
+        """
+        for rows, width in ((1, 5), (3, 150), (2, 300)):
+            width = min(width, self.max_seq_length)
+            batch = self._example_batch(rows, width, names)
+            with torch.inference_mode():
+                want = self._forward(dict(batch), None).float()
+                for _ in range(2):
+                    got = self._forward(dict(batch), script).float()
+                    if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-3, atol=1e-4):
+                        diff = (got - want).abs().max().item() if got.shape == want.shape else "shape"
+                        return f"batch {rows}x{width}: max difference {diff}"
+        return ""

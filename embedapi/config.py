@@ -166,6 +166,7 @@ class Settings:
     request_timeout_s: float = 600.0
     torch_threads: int = 0  # 0 = cores / workers
     parallel_batches: int = 0  # 0 = the device's default (backend: 2 on a CPU with 2+ threads, else 1)
+    trace: bool = True  # CPU: run each transformer traced to TorchScript (GIL released), if it matches eager
     log_format: str = "text"
     log_level: str = "INFO"
 
@@ -200,6 +201,7 @@ class Settings:
             request_timeout_s=_env_float(env, "EMBEDAPI_REQUEST_TIMEOUT", 600.0),
             torch_threads=_env_int(env, "EMBEDAPI_TORCH_THREADS", 0),
             parallel_batches=_env_int(env, "EMBEDAPI_PARALLEL_BATCHES", 0),
+            trace=_env_bool(env, "EMBEDAPI_TRACE", True),
             log_format=log_format,
             log_level=env.get("EMBEDAPI_LOG_LEVEL", "INFO").strip().upper() or "INFO",
         )

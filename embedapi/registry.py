@@ -170,7 +170,7 @@ class Registry:
         log.info("loading %s model %s from %s on %s", spec.kind, spec.id, spec.source, device)
         model = backend.load(spec, device)
         dtype = backend.pick_dtype(spec.dtype, device)
-        runner = backend.TorchRunner(model, device, dtype, spec.kind)
+        runner = backend.TorchRunner(model, device, dtype, spec.kind, trace=self.settings.trace)
         encoder = TextEncoder(model.tokenizer, runner.max_seq_length)
         s = self.settings
         engine = Engine(spec.id, runner, max_batch_tokens=s.max_batch_tokens or runner.default_batch_tokens,
@@ -185,8 +185,8 @@ class Registry:
             q, d = encoder.ids([_WARMUP_TEXT, _WARMUP_TEXT])
             engine.submit([encoder.pair(q, d)]).wait(600)
         seconds = time.monotonic() - started
-        log.info("loaded %s in %.1fs (dtype %s, max_seq_length %d)", spec.id, seconds,
-                 backend.dtype_name(dtype), encoder.max_seq_length)
+        log.info("loaded %s in %.1fs (dtype %s, max_seq_length %d, %s)", spec.id, seconds,
+                 backend.dtype_name(dtype), encoder.max_seq_length, "traced" if runner.traced else "eager")
         if self.observer is not None:
             self.observer.model_loaded(spec.id, spec.kind, device, seconds)
         return LoadedModel(spec, encoder, engine, dims, device, backend.dtype_name(dtype), seconds,

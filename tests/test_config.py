@@ -73,13 +73,15 @@ def test_environment_variables(tmp_path):
     keys.write_text("# comment\nk-file\n\n")
     env = {"EMBEDAPI_DEVICE": "cuda:1", "EMBEDAPI_API_KEYS": "k1, k2,", "EMBEDAPI_API_KEYS_FILE": str(keys),
            "APP_PORT": "9000", "EMBEDAPI_MAX_INPUTS": "10", "EMBEDAPI_BATCHING": "false",
-           "EMBEDAPI_LOG_FORMAT": "json", "EMBEDAPI_PARALLEL_BATCHES": "3"}
+           "EMBEDAPI_LOG_FORMAT": "json", "EMBEDAPI_PARALLEL_BATCHES": "3", "EMBEDAPI_TRACE": "off"}
     s = Settings.from_env(env)
     assert s.device == "cuda:1" and s.api_keys == ("k1", "k2", "k-file") and s.port == 9000
     assert s.max_inputs == 10 and s.batching is False and s.log_format == "json" and s.parallel_batches == 3
+    assert s.trace is False
     defaults = Settings.from_env({})
     assert defaults.port == 8000 and defaults.device == "auto" and defaults.api_keys == ()
     assert defaults.parallel_batches == 0  # the device decides
+    assert defaults.trace is True
 
 
 @pytest.mark.parametrize("env", [{"APP_PORT": "eighty"}, {"EMBEDAPI_BATCHING": "perhaps"},

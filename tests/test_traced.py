@@ -1,0 +1,95 @@
+"""The traced forward pass (CPU): used when it matches the eager model, else the model stays eager."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from embedapi import backend
+from embedapi.config import ModelSpec
+
+from .conftest import EMBED, RERANK
+
+
+def _texts(n: int = 6) -> list[str]:
+    base = "今日は良い天気なので、川沿いの道を歩いて図書館まで行きました。"
+    return [base * k for k in (1, 2, 5, 9, 14, 20)][:n]  # 20-odd to 300-odd tokens: both sides of the local window
+
+
+def _runner(model_dirs, kind: str, trace: bool, dtype: torch.dtype = torch.float32) -> backend.TorchRunner:
+    spec = ModelSpec(id="t", source=str(model_dirs["embed" if kind == "embedding" else "rerank"]), kind=kind)
+    return backend.TorchRunner(backend.load(spec, "cpu"), "cpu", dtype, kind, trace=trace)
+
+
+def test_the_app_runs_the_models_traced_on_cpu(app):
+    models = app.extensions["embedapi"].registry.models
+    assert models[EMBED].engine.runner.traced and models[RERANK].engine.runner.traced
+
+
+def test_traced_embeddings_are_the_eager_ones_and_encodes(model_dirs, st_model):
+    traced, eager = _runner(model_dirs, "embedding", True), _runner(model_dirs, "embedding", False)
+    assert traced.traced and not eager.traced
+    ids = [st_model.tokenizer(t)["input_ids"] for t in _texts()]
+    assert max(map(len, ids)) > 128 + 64 and min(map(len, ids)) < 64
+    got = traced.run(ids)
+    np.testing.assert_array_equal(got, eager.run(ids))
+    want = st_model.encode(_texts(), batch_size=len(ids), normalize_embeddings=False)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    # rows of other batch shapes than the first (the trace is not tied to one shape)
+    np.testing.assert_allclose(traced.run(ids[:1]), want[:1], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(traced.run(ids[2:5]), want[2:5], rtol=0, atol=1e-6)
+
+
+def test_traced_rerank_logits_are_the_eager_ones(model_dirs, ce_model):
+    traced, eager = _runner(model_dirs, "rerank", True), _runner(model_dirs, "rerank", False)
+    assert traced.traced
+    pairs = [ce_model.tokenizer("東京の天気は？", t)["input_ids"] for t in _texts()]
+    np.testing.assert_array_equal(traced.run(pairs), eager.run(pairs))
+
+
+def test_traced_bfloat16_matches_eager_bfloat16(model_dirs, st_model):
+    traced = _runner(model_dirs, "embedding", True, torch.bfloat16)
+    eager = _runner(model_dirs, "embedding", False, torch.bfloat16)
+    assert traced.traced
+    ids = [st_model.tokenizer(t)["input_ids"] for t in _texts()]
+    np.testing.assert_allclose(traced.run(ids), eager.run(ids), rtol=0, atol=1e-2)
+
+
+def test_a_failing_trace_leaves_the_model_eager(model_dirs, st_model, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("tracer exploded")
+    monkeypatch.setattr(backend.torch.jit, "trace", broken)
+    with caplog.at_level(logging.WARNING, logger="embedapi.backend"):
+        runner = _runner(model_dirs, "embedding", True)
+    assert not runner.traced and "tracer exploded" in caplog.text
+    ids = [st_model.tokenizer(t)["input_ids"] for t in _texts(3)]
+    np.testing.assert_allclose(runner.run(ids), st_model.encode(_texts(3), normalize_embeddings=False),
+                               rtol=0, atol=1e-6)
+
+
+def test_a_trace_that_differs_from_eager_is_not_used(model_dirs, st_model, monkeypatch, caplog):
+    """A traced graph that baked in something shape-dependent gives other numbers on other shapes:
+    here, one that is right only for the traced example's width."""
+    real_trace = torch.jit.trace
+
+    def shape_bound(module, example, **kwargs):
+        script, width = real_trace(module, example, **kwargs), example[0].shape[1]
+        return lambda *inputs: script(*inputs) * (1.0 if inputs[0].shape[1] == width else 1.5)
+    monkeypatch.setattr(backend.torch.jit, "trace", shape_bound)
+    with caplog.at_level(logging.WARNING, logger="embedapi.backend"):
+        runner = _runner(model_dirs, "embedding", True)
+    assert not runner.traced and "differs from the eager one" in caplog.text
+    ids = [st_model.tokenizer(t)["input_ids"] for t in _texts(3)]
+    np.testing.assert_allclose(runner.run(ids), st_model.encode(_texts(3), normalize_embeddings=False),
+                               rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", ["cuda:0", "mps"])
+def test_tracing_is_for_cpu_only(device):
+    """GPU passes stay eager: their traced numerics are untested here (no GPU on the test machine)."""
+    assert backend.TorchRunner.trace_on(device, True) is False
+    assert backend.TorchRunner.trace_on("cpu", True) is True
+    assert backend.TorchRunner.trace_on("cpu", False) is False
