@@ -24,6 +24,16 @@ def _runner(model_dirs, kind: str, trace: bool, dtype: torch.dtype = torch.float
     return backend.TorchRunner(backend.load(spec, "cpu"), "cpu", dtype, kind, trace=trace)
 
 
+def _assert_left_eager(model_dirs, st_model, caplog, why: str) -> None:
+    """Loading with tracing asked for gives an eager runner, a warning saying `why`, and encode's vectors."""
+    with caplog.at_level(logging.WARNING, logger="embedapi.backend"):
+        runner = _runner(model_dirs, "embedding", True)
+    assert not runner.traced and why in caplog.text
+    ids = [st_model.tokenizer(t)["input_ids"] for t in _texts(3)]
+    np.testing.assert_allclose(runner.run(ids), st_model.encode(_texts(3), normalize_embeddings=False),
+                               rtol=0, atol=1e-6)
+
+
 def test_the_app_runs_the_models_traced_on_cpu(app):
     models = app.extensions["embedapi"].registry.models
     assert models[EMBED].engine.runner.traced and models[RERANK].engine.runner.traced
@@ -62,12 +72,7 @@ def test_a_failing_trace_leaves_the_model_eager(model_dirs, st_model, monkeypatc
     def broken(*args, **kwargs):
         raise RuntimeError("tracer exploded")
     monkeypatch.setattr(backend.torch.jit, "trace", broken)
-    with caplog.at_level(logging.WARNING, logger="embedapi.backend"):
-        runner = _runner(model_dirs, "embedding", True)
-    assert not runner.traced and "tracer exploded" in caplog.text
-    ids = [st_model.tokenizer(t)["input_ids"] for t in _texts(3)]
-    np.testing.assert_allclose(runner.run(ids), st_model.encode(_texts(3), normalize_embeddings=False),
-                               rtol=0, atol=1e-6)
+    _assert_left_eager(model_dirs, st_model, caplog, "tracer exploded")
 
 
 def test_a_trace_that_differs_from_eager_is_not_used(model_dirs, st_model, monkeypatch, caplog):
@@ -79,12 +84,7 @@ def test_a_trace_that_differs_from_eager_is_not_used(model_dirs, st_model, monke
         script, width = real_trace(module, example, **kwargs), example[0].shape[1]
         return lambda *inputs: script(*inputs) * (1.0 if inputs[0].shape[1] == width else 1.5)
     monkeypatch.setattr(backend.torch.jit, "trace", shape_bound)
-    with caplog.at_level(logging.WARNING, logger="embedapi.backend"):
-        runner = _runner(model_dirs, "embedding", True)
-    assert not runner.traced and "differs from the eager one" in caplog.text
-    ids = [st_model.tokenizer(t)["input_ids"] for t in _texts(3)]
-    np.testing.assert_allclose(runner.run(ids), st_model.encode(_texts(3), normalize_embeddings=False),
-                               rtol=0, atol=1e-6)
+    _assert_left_eager(model_dirs, st_model, caplog, "differs from the eager one")
 
 
 @pytest.mark.parametrize("device", ["cuda:0", "mps"])
