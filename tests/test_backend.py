@@ -1,13 +1,15 @@
-"""The torch side's process settings: malloc tuning, per-thread torch threads, side-by-side passes."""
+"""The torch side: malloc tuning, per-thread torch threads, side-by-side passes, the bfloat16 GELU layout."""
 
 from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 import torch
 
 from embedapi import backend, create_app
+from embedapi.config import ModelSpec
 
 from .conftest import EMBED
 
@@ -72,3 +74,45 @@ def test_batching_off_runs_one_pass_at_a_time_on_every_thread(models_file):
     finally:
         app.extensions["embedapi"].registry.shutdown()
         torch.set_num_threads(before)
+
+
+def _wrapped(model: torch.nn.Module) -> list[bool]:
+    return [isinstance(m.act, backend.ContiguousInput) for m in model.modules()
+            if type(m).__name__ == "ModernBertMLP"]
+
+
+@pytest.mark.parametrize("kind", ["embedding", "rerank"])
+def test_bfloat16_cpu_runners_apply_the_mlp_activation_to_a_contiguous_copy(model_dirs, kind):
+    spec = ModelSpec(id="t", source=str(model_dirs["embed" if kind == "embedding" else "rerank"]), kind=kind)
+    bf16 = backend.TorchRunner(backend.load(spec, "cpu"), "cpu", torch.bfloat16, kind)
+    fp32 = backend.TorchRunner(backend.load(spec, "cpu"), "cpu", torch.float32, kind)
+    assert _wrapped(bf16.model) and all(_wrapped(bf16.model))
+    assert _wrapped(fp32.model) and not any(_wrapped(fp32.model))  # float32 measured no faster: left alone
+    assert backend.contiguous_activations(bf16.model) == 0  # already wrapped: not wrapped twice
+
+
+def test_bfloat16_vectors_with_the_wrapped_activation_are_encodes(model_dirs):
+    spec = ModelSpec(id="t", source=str(model_dirs["embed"]), kind="embedding")
+    plain = backend.load(spec, "cpu").to(torch.bfloat16)  # as sentence-transformers runs it in bfloat16
+    runner = backend.TorchRunner(backend.load(spec, "cpu"), "cpu", torch.bfloat16, "embedding")
+    texts = ["今日は良い天気です。" * k for k in (1, 4, 12)]
+    ids = [plain.tokenizer(t)["input_ids"] for t in texts]
+    want = plain.encode(texts, batch_size=len(texts), normalize_embeddings=False, convert_to_tensor=True)
+    # bit-identical here; the tolerance is one bfloat16 rounding, for CPUs whose two erf kernels differ more
+    np.testing.assert_allclose(runner.run(ids), want.float().numpy(), rtol=0, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_contiguous_input_computes_the_same_activation(dtype, atol):
+    seen: list[bool] = []
+
+    class Gelu(torch.nn.GELU):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(x.is_contiguous())
+            return super().forward(x)
+
+    half, _gate = torch.randn(7, 33, 2 * 96, dtype=dtype).chunk(2, dim=-1)  # a strided view, as in the MLP
+    assert not half.is_contiguous()
+    got = backend.ContiguousInput(Gelu())(half)
+    torch.testing.assert_close(got, torch.nn.functional.gelu(half), rtol=0, atol=atol)
+    assert seen == [True]
