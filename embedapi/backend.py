@@ -175,8 +175,8 @@ class ContiguousInput(torch.nn.Module):
     ModernBERT's MLP splits one projection in two (`chunk`) and applies GELU to the first half, a
     strided view; on CPU torch runs GELU on such a view up to 2x slower than on a contiguous copy (GELU
     and the gating product at 400 rows x 1024, copy included: bfloat16 864 -> 630 us, float32 840 ->
-    743 us). In the server under 32 clients that was worth +0-4 % in bfloat16 (paired runs) and nothing
-    in float32, so runners use it for bfloat16 only (README, Benchmark). Values agree within an ulp
+    743 us). In the server under 32 clients that was worth +0-18 % in bfloat16 (7 paired runs) and 1-14 %
+    less in float32 (4 paired runs), so runners use it for bfloat16 only (README, Benchmark). Values agree within an ulp
     (the two kernels round erf apart).
     """
 
