@@ -270,11 +270,93 @@ def short_texts_for(tokenizer: Any, n: int) -> list[str]:
     return [texts.make(random.Random(i).randint(45, 55)) for i in range(n)]
 
 
-def raw_probe(model_dir: str, n: int, reps: int) -> None:
+def raw_probe(model_dir: str, n: int, reps: int, batch_size: int = 0) -> None:
+    """(1) with torch's default process settings; with `batch_size`, one float32 figure at that size."""
     from sentence_transformers import SentenceTransformer
     torch.set_num_threads(TORCH_THREADS)
     st = SentenceTransformer(model_dir, device="cpu")
-    print(json.dumps(raw_encode_best(st, short_texts_for(st.tokenizer, n), reps)))
+    texts = short_texts_for(st.tokenizer, n)
+    if batch_size:
+        print(json.dumps(raw_encode_at(st, texts, batch_size, reps)))
+    else:
+        print(json.dumps(raw_encode_best(st, texts, reps)))
+
+
+def raw_encode_at(st: Any, texts: list[str], batch_size: int, reps: int) -> float:
+    """texts/s of SentenceTransformer.encode at one batch size (after a warm-up batch)."""
+    st.encode(texts[:batch_size], batch_size=batch_size)
+    return len(texts) / best_of(reps, lambda: timed(lambda: st.encode(texts, batch_size=batch_size)))
+
+
+class RawReference:
+    """The (1) float32 baseline's winning configuration (process settings, batch size), measured again
+    on demand: in this process for the server's OpenMP settings, in a subprocess for torch's defaults."""
+
+    def __init__(self, st: Any, model_dir: Path, texts: list[str], setting: str, batch_size: int) -> None:
+        self.st, self.model_dir, self.texts = st, model_dir, texts
+        self.setting, self.batch_size = setting, batch_size
+
+    def measure(self) -> float:
+        if self.setting == "server's OpenMP settings":
+            return raw_encode_at(self.st, self.texts, self.batch_size, 1)
+        probe = subprocess.run([sys.executable, __file__, "--raw-probe", str(self.model_dir), str(len(self.texts)),
+                                "1", str(self.batch_size)], capture_output=True, text=True, check=True, env=ORIGINAL_ENV)
+        return float(probe.stdout.strip().splitlines()[-1])
+
+
+def paired_rounds(raw: RawReference, port: int, bodies: list[bytes], rounds: int) -> list[tuple[float, float]]:
+    """Raw encode and the server (32 clients) measured alternately, `rounds` times each: both see the
+    same stretch of a shared machine and the same number of repetitions. Returns (raw, server) texts/s."""
+    out = []
+    for _ in range(rounds):
+        r = raw.measure()
+        out.append((r, len(bodies) / load_run(port, bodies, 32)))
+    return out
+
+
+def paired_row(pairs: list[tuple[float, float]]) -> tuple[str, str, str]:
+    """Table cells for paired rounds: raw and server per round (best first), the best/best ratio and the
+    per-round ratios."""
+    raws, srvs = [p[0] for p in pairs], [p[1] for p in pairs]
+    per_round = "/".join(f"{s / r:.2f}" for r, s in pairs)
+    return (f"{max(raws):.1f} ({'/'.join(f'{r:.0f}' for r in raws)})",
+            f"{max(srvs):.1f} ({'/'.join(f'{s:.0f}' for s in srvs)})",
+            f"{max(srvs) / max(raws):.2f}x best/best; rounds {per_round}")
+
+
+def forward_ceiling(model_dir: Path, texts: list[str], dtype: torch.dtype, seconds: float) -> tuple[float, int]:
+    """The server's own forward pass alone (traced runner, no HTTP, no queue): two 1-thread passes side
+    by side, as the default worker's two lanes under load, at batch sizes 8/16/32. Returns the best
+    texts/s and its batch size: what (2) could reach if request handling cost nothing."""
+    from embedapi import backend
+    from embedapi.config import ModelSpec
+    model = backend.load(ModelSpec(id="ceiling", source=str(model_dir), kind="embedding"), "cpu")
+    runner = backend.TorchRunner(model, "cpu", dtype, "embedding", trace=True)
+    best = (0.0, 0)
+    for bs in (8, 16, 32):
+        ids = [model.tokenizer(t)["input_ids"] for t in texts[:bs]]
+        counts = [0, 0]
+        start = threading.Barrier(3)
+
+        def lane(k: int) -> None:
+            backend.use_threads(1)
+            for _ in range(2):
+                runner.run(ids)
+            start.wait()
+            deadline = time.perf_counter() + seconds
+            while time.perf_counter() < deadline:
+                runner.run(ids)
+                counts[k] += len(ids)
+
+        lanes = [threading.Thread(target=lane, args=(k,)) for k in (0, 1)]
+        for t in lanes:
+            t.start()
+        start.wait()
+        began = time.perf_counter()
+        for t in lanes:
+            t.join()
+        best = max(best, (sum(counts) / (time.perf_counter() - began), bs))
+    return best
 
 
 # -- the run -----------------------------------------------------------------------------
@@ -286,14 +368,17 @@ def main() -> int:
                                                             str(Path(tempfile.gettempdir()) / "embedapi-bench")))
     ap.add_argument("--no-310m", action="store_true", help="skip the 310m-shape accuracy check")
     ap.add_argument("--reps", type=int, default=0, help="repetitions per throughput figure (best is kept)")
-    ap.add_argument("--raw-probe", nargs=3, metavar=("MODEL_DIR", "N", "REPS"), help=argparse.SUPPRESS)
+    ap.add_argument("--rounds", type=int, default=0, help="paired raw/server rounds for (2) (default 3, quick 1)")
+    ap.add_argument("--raw-probe", nargs="+", metavar="ARG", help=argparse.SUPPRESS)  # MODEL_DIR N REPS [BS]
     args = ap.parse_args()
     if args.raw_probe:
-        raw_probe(args.raw_probe[0], int(args.raw_probe[1]), int(args.raw_probe[2]))
+        model_dir, n, probe_reps, *bs = args.raw_probe
+        raw_probe(model_dir, int(n), int(probe_reps), int(bs[0]) if bs else 0)
         return 0
 
     quick, smoke = args.quick or args.smoke, args.smoke
     reps = args.reps or (1 if quick else 2)
+    rounds = args.rounds or (1 if quick else 3)
     n_short = 64 if smoke else (256 if quick else 512)          # texts for (1)
     n_server = 96 if smoke else (640 if quick else 1536)         # requests for (2)
     n_nobatch = 64 if smoke else (256 if quick else 512)         # requests for (3)
@@ -357,6 +442,8 @@ def main() -> int:
                 "", "")
     raw32 = max(default["float32"][0], tuned["float32"][0])
     raw16 = max(default["bfloat16"][0], tuned["bfloat16"][0])
+    winner = max(("torch defaults", default), ("server's OpenMP settings", tuned), key=lambda x: x[1]["float32"][0])
+    raw_ref = RawReference(st, paths["embed"], short_texts, winner[0], int(winner[1]["float32"][1]))
     # For reference only (not the baseline): one torch thread, as each of the server's side-by-side passes.
     torch.set_num_threads(1)
     one = raw_encode_best(st, short_texts, reps)
@@ -365,6 +452,9 @@ def main() -> int:
         f"{one['float32'][0]:.1f} (bs {one['float32'][1]}) / {one['bfloat16'][0]:.1f} (bs {one['bfloat16'][1]})", "", "")
     row("(1) baseline: best raw float32 / bfloat16", f"{raw32:.1f} / {raw16:.1f}", "",
         f"bf16 = {raw16 / raw32:.2f}x fp32")
+    print("forward-only ceiling ...", file=sys.stderr, flush=True)
+    ceiling = {name: forward_ceiling(paths["embed"], short_texts, dt, 1.5 if quick else 4.0)
+               for name, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
 
     # bf16 accuracy cost ---------------------------------------------------------------------
     acc_rng = random.Random(11)
@@ -403,8 +493,7 @@ def main() -> int:
         lo, mean = cosines(big)
         accuracy.append(f"310m shape: cosine(bf16, fp32) over {n_accuracy} texts min {lo:.5f} mean {mean:.5f}")
         del big
-    del st
-    gc.collect()
+    gc.collect()  # `st` stays: raw_ref measures (1) again between server rounds
 
     # server float32, batching on: (2), (4), (5), (6), (7), 8192 tokens ---------------------------
     print("server float32 ...", file=sys.stderr, flush=True)
@@ -420,6 +509,9 @@ def main() -> int:
         srv32 = n_server / secs
         row("(2) server, 32 clients x 1 text/request, float32, texts/s", f"{raw32:.1f}", f"{srv32:.1f}",
             f"{srv32 / raw32:.2f}x raw fp32", "target >= 0.9x")
+        pairs = paired_rounds(raw_ref, port, srv_bodies, rounds)
+        row(f"(2) paired: raw fp32 (bs {raw_ref.batch_size}, {raw_ref.setting}) and server alternated, "
+            f"{rounds} rounds, float32", *paired_row(pairs), "target >= 0.9x")
 
         conn = Conn(port)
         mixed_body = body({"model": "bench/embed", "input": mixed})
@@ -499,6 +591,9 @@ def main() -> int:
         nobatch = n_nobatch / secs
         row("(3) server, batching off, 32 clients, float32, texts/s", "", f"{nobatch:.1f}",
             f"(2)/(3) = {srv32 / nobatch:.2f}x", "target (2) >= 3x (3)")
+        for name, (rate, bs) in ceiling.items():
+            row(f"(2) ceiling: the server's forward alone, 2 x 1-thread passes, no HTTP, {name}, texts/s", "",
+                f"{rate:.1f} (bs {bs})", f"{rate / raw32:.2f}x raw fp32; {rate / nobatch:.2f}x (3)")
     finally:
         server.stop()
         toml_e.unlink()
@@ -515,6 +610,9 @@ def main() -> int:
         srv_auto = n_server / secs
         row(f"(2) server, 32 clients, dtype auto ({dtype}), texts/s", f"{raw32:.1f}", f"{srv_auto:.1f}",
             f"{srv_auto / raw32:.2f}x raw fp32; {srv_auto / raw16:.2f}x raw {dtype}", "target >= 1.5x raw fp32")
+        pairs = paired_rounds(raw_ref, server.port, srv_bodies, rounds)
+        row(f"(2) paired: raw fp32 (bs {raw_ref.batch_size}, {raw_ref.setting}) and server alternated, "
+            f"{rounds} rounds, dtype auto ({dtype})", *paired_row(pairs), "target >= 1.5x raw fp32")
         conn = Conn(server.port)
         conn.post("/v1/embeddings", body({"model": "bench/embed", "input": mixed[:64]}))
         secs = best_of(reps, lambda: timed(lambda: conn.post("/v1/embeddings", mixed_body)))
