@@ -13,9 +13,13 @@ in one run on the same machine, it measures and prints:
   5. p50/p99 latency of one short request on an idle server vs raw single encode
   6. rerank: one query x 100 documents, server vs raw CrossEncoder.predict
   7. worker RSS before and after 5,000 requests (once warm)
-  + the bfloat16 accuracy cost (cosine vs float32 over 200 fixed texts) and one 8,192-token input.
+  + the bfloat16 accuracy cost (cosine vs float32 over 200 fixed texts) and one 8,192-token input;
+  + (2) "paired": (1)'s winning float32 configuration and the server measured alternately, the same
+    number of times (--rounds), so both see the same stretch of a shared machine;
+  + (2) "ceiling": the server's own forward pass alone (two 1-thread passes, no HTTP), what (2)
+    could reach if request handling were free.
 
-    /work/venv/bin/python bench/benchmark.py            # full run (a few minutes on 2 cores)
+    /work/venv/bin/python bench/benchmark.py            # full run (about 20 minutes on 2 cores)
     /work/venv/bin/python bench/benchmark.py --quick    # short trial run
     /work/venv/bin/python bench/benchmark.py --quick --smoke   # tiny shapes: proves the script works
 
@@ -315,8 +319,8 @@ def paired_rounds(raw: RawReference, port: int, bodies: list[bytes], rounds: int
 
 
 def paired_row(pairs: list[tuple[float, float]]) -> tuple[str, str, str]:
-    """Table cells for paired rounds: raw and server per round (best first), the best/best ratio and the
-    per-round ratios."""
+    """Table cells for paired rounds: raw and server as the best of the rounds followed by each round in
+    parentheses, then the best/best ratio and the ratio of each round."""
     raws, srvs = [p[0] for p in pairs], [p[1] for p in pairs]
     per_round = "/".join(f"{s / r:.2f}" for r, s in pairs)
     return (f"{max(raws):.1f} ({'/'.join(f'{r:.0f}' for r in raws)})",
