@@ -80,7 +80,8 @@ def pick_device(requested: str) -> str:
     raise ConfigError(f"EMBEDAPI_DEVICE must be auto, cpu, cuda, cuda:N or mps, not {requested!r}")
 
 
-def _cpu_has_bf16() -> bool:
+def cpu_has_native_bf16() -> bool:
+    """Whether the CPU computes bfloat16 natively (AVX512-BF16 or AMX); without it bfloat16 is emulated and slow."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
             flags = f.read(200_000)
@@ -95,7 +96,7 @@ def pick_dtype(requested: str, device: str) -> torch.dtype:
         return _DTYPES[requested]
     if device.startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device == "cpu" and _cpu_has_bf16():
+    if device == "cpu" and cpu_has_native_bf16():
         return torch.bfloat16
     return torch.float32
 
