@@ -602,7 +602,7 @@ def main() -> int:
         server.stop()
         toml_e.unlink()
 
-    # server dtype auto (bfloat16 where the CPU has it natively): (2) again ------------------------------------------------
+    # server dtype auto (bfloat16 where the CPU has it natively): (2) again --------------------------
     print("server dtype auto ...", file=sys.stderr, flush=True)
     toml_a = models_toml(paths, "embed", None, "auto")
     server = start_server(toml_a)
