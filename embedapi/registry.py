@@ -14,6 +14,7 @@ from .config import ModelSpec, Settings
 from .engine import BatchObserver, DeviceSlots, Engine
 from .errors import ClientGone, InvalidRequest, ModelNotFound, ModelNotReady
 from .prompts import resolve_prompts
+from .quantize import Quantizer
 from .tokenization import TextEncoder
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ class LoadedModel:
     dtype: str
     load_seconds: float
     activation: Callable[[np.ndarray], np.ndarray]
+    quantizer: Quantizer | None = None  # embedding models: fixed int8/uint8 ranges (quantize.py)
 
 
 @dataclass(frozen=True)
@@ -177,10 +179,12 @@ class Registry:
                         max_batch_size=s.max_batch_size, batch_wait_ms=s.batch_wait_ms,
                         max_queue_tokens=s.max_queue_tokens, batching=s.batching, observer=self.observer,
                         slots=self._slots, set_threads=backend.use_threads)
-        dims = None
+        dims, quantizer = None, None
         if spec.kind == "embedding":
             warm = encoder.single(encoder.ids([_WARMUP_TEXT])[0])
             dims = int(engine.submit([warm]).wait(600).shape[1])
+            quantizer = Quantizer.measure(lambda texts: engine.submit([encoder.single(i) for i in encoder.ids(texts)])
+                                          .wait(600), resolve_prompts(spec.id, spec.prompts)[1].values())
         else:
             q, d = encoder.ids([_WARMUP_TEXT, _WARMUP_TEXT])
             engine.submit([encoder.pair(q, d)]).wait(600)
@@ -190,7 +194,7 @@ class Registry:
         if self.observer is not None:
             self.observer.model_loaded(spec.id, spec.kind, device, seconds)
         return LoadedModel(spec, encoder, engine, dims, device, backend.dtype_name(dtype), seconds,
-                           backend.activation(model))
+                           backend.activation(model), quantizer)
 
     def shutdown(self, drain: bool = True) -> None:
         """Stop every engine; with `drain`, queued work is finished first."""

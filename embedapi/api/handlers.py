@@ -20,7 +20,8 @@ error_log = logging.getLogger("embedapi.errors")
 
 def render(error: APIError) -> Response:
     g.error_code = error.code or error.type
-    return json_response(error.body(), status=error.status, headers=error.headers)
+    body = error.tei_body() if g.get("dialect") == "tei" else error.body()  # TEI routes: TEI's shape
+    return json_response(body, status=error.status, headers=error.headers)
 
 
 def _http_exception(exc: HTTPException) -> Response:

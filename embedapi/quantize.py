@@ -1,0 +1,129 @@
+"""Quantized embeddings (Cohere's `embedding_types`): int8, uint8, binary, ubinary, base64, float.
+
+`binary` / `ubinary` are the packed sign bits, exactly as sentence-transformers' `quantize_embeddings`
+(`ubinary = np.packbits(v > 0)`, `binary = ubinary - 128`). `int8` / `uint8` map each dimension's
+range onto 256 steps with sentence-transformers' formula, but the range is fixed per model: it is
+measured once at load on the built-in calibration texts below (each with every prefix the model
+uses), never on the request's own batch, so a text gets the same codes whatever it is sent with.
+A value outside the calibration range is clipped to its ends.
+docs/dialects.md says what each type is for and how to rescore.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+EMBEDDING_TYPES = ("float", "int8", "uint8", "binary", "ubinary", "base64")
+
+# Varied Japanese (news, how-to, questions, short labels, chat, technical, literary), so that each
+# dimension's range covers what real inputs produce. Changing this list changes every int8 code.
+CALIBRATION_TEXTS: tuple[str, ...] = (
+    "名古屋大学で開発された日本語の埋め込みモデルです。",
+    "蔵王温泉は強酸性の硫黄泉で、肌がすべすべになると言われています。",
+    "東京の明日の天気は晴れのち曇り、最高気温は十八度の予想です。",
+    "日本銀行は政策金利を据え置くことを決めました。",
+    "カレーの作り方：玉ねぎを飴色になるまで炒め、肉と野菜を加えて煮込みます。",
+    "富士山の標高は何メートルですか？",
+    "新幹線で東京から大阪までどのくらいかかりますか。",
+    "量子コンピュータは重ね合わせと量子もつれを使って計算する。",
+    "このエラーは、設定ファイルのパスが間違っている場合に発生します。",
+    "Pythonでリストを逆順に並べ替えるにはreverse()を使います。",
+    "吾輩は猫である。名前はまだ無い。",
+    "春はあけぼの。やうやう白くなりゆく山ぎは、すこしあかりて。",
+    "契約書の第三条に基づき、甲は乙に対して代金を支払うものとする。",
+    "患者は三日前から発熱と咳があり、近くの診療所を受診した。",
+    "サッカー日本代表はワールドカップ予選で三対一の勝利を収めた。",
+    "おすすめのラーメン屋を教えてください。",
+    "今日はありがとう！また来週会おうね。",
+    "環境問題",
+    "人工知能の進化",
+    "京都の紅葉は十一月下旬が見頃です。",
+    "株価指数は前日比で二パーセント下落し、三か月ぶりの安値となった。",
+    "スマートフォンの電池が急に減るようになった原因は何でしょうか。",
+    "図書館の開館時間は午前九時から午後八時までです。",
+    "光合成とは、植物が光のエネルギーを使って二酸化炭素と水から糖を作る反応である。",
+    "江戸時代の身分制度について簡単に説明してください。",
+    "このホテルは駅から徒歩五分で、朝食の評判がとても良い。",
+    "エンジンを始動する前に、シートベルトを着用してください。",
+    "猫が好きか犬が好きか、それが問題だ。",
+    "Kubernetesのポッドが再起動を繰り返す場合はログを確認しましょう。",
+    "北海道では冬になると雪まつりが開かれ、多くの観光客が訪れる。",
+    "締め切りは来週の金曜日ですので、それまでに提出をお願いします。",
+    "深層学習モデルの学習には大量のデータと計算資源が必要になる。",
+)
+
+
+def calibration_inputs(prefixes: Sequence[str]) -> list[str]:
+    """Every calibration text bare and with each distinct prefix the model uses."""
+    distinct = list(dict.fromkeys(["", *prefixes]))
+    return [p + t for p in distinct for t in CALIBRATION_TEXTS]
+
+
+def shape(rows: np.ndarray, dims: int, normalize: bool) -> np.ndarray:
+    """Rows as a request gets them: the first `dims` dimensions, then scaled to length 1 if `normalize`
+    (the service's order; a zero row stays zero)."""
+    rows = np.asarray(rows[:, :dims], dtype=np.float32)
+    if normalize:
+        rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+    return np.ascontiguousarray(rows, dtype=np.float32)
+
+
+class Quantizer:
+    """One model's calibration rows (raw, full width) and the int8/uint8 ranges derived from them."""
+
+    def __init__(self, calibration_rows: np.ndarray) -> None:
+        self.rows = np.asarray(calibration_rows, dtype=np.float32)
+        self._ranges: dict[tuple[int, bool], np.ndarray] = {}
+
+    @classmethod
+    def measure(cls, encode: Callable[[list[str]], np.ndarray], prefixes: Sequence[str]) -> "Quantizer":
+        """`encode(texts)` → the model's raw rows (the engine's forward pass)."""
+        return cls(encode(calibration_inputs(prefixes)))
+
+    def ranges(self, dims: int, normalize: bool) -> np.ndarray:
+        """(2, dims) per-dimension [min, max] of the calibration rows shaped as the request's rows."""
+        key = (dims, normalize)
+        found = self._ranges.get(key)
+        if found is None:
+            calib = shape(self.rows, dims, normalize)
+            found = self._ranges[key] = np.vstack((calib.min(axis=0), calib.max(axis=0))).astype(np.float32)
+        return found
+
+
+def to_int8(rows: np.ndarray, ranges: np.ndarray, unsigned: bool = False) -> np.ndarray:
+    """sentence-transformers' int8/uint8 formula (floor onto 256 steps of each range, clipped)."""
+    ranges = ranges.astype(np.float32, copy=False)
+    starts = ranges[0, :]
+    steps = (ranges[1, :] - starts) / 255
+    steps = np.where(steps == 0, 1, steps)  # a constant dimension maps to step 0
+    codes = np.clip(np.floor((rows - starts) / steps), 0, 255)
+    return codes.astype(np.uint8) if unsigned else (codes - 128).astype(np.int8)
+
+
+def to_ubinary(rows: np.ndarray) -> np.ndarray:
+    return np.packbits(rows > 0, axis=-1)
+
+
+def to_binary(rows: np.ndarray) -> np.ndarray:
+    return (np.packbits(rows > 0, axis=-1) - 128).astype(np.int8)
+
+
+def by_type(rows: np.ndarray, ranges: Callable[[], np.ndarray], types: Sequence[str]) -> dict[str, Any]:
+    """Cohere's `embeddings` object: one list per requested type, rows in input order.
+    `ranges()` is called only when int8/uint8 are asked for."""
+    out: dict[str, Any] = {}
+    for kind in dict.fromkeys(types):
+        if kind == "float":
+            out["float"] = list(rows)
+        elif kind in ("int8", "uint8"):
+            out[kind] = list(to_int8(rows, ranges(), unsigned=kind == "uint8"))
+        elif kind == "ubinary":
+            out["ubinary"] = list(to_ubinary(rows))
+        elif kind == "binary":
+            out["binary"] = list(to_binary(rows))
+        elif kind == "base64":
+            out["base64"] = [base64.b64encode(r.astype("<f4", copy=False).tobytes()).decode("ascii") for r in rows]
+    return out
