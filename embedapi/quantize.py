@@ -1,11 +1,13 @@
 """Quantized embeddings (Cohere's `embedding_types`): int8, uint8, binary, ubinary, base64, float.
 
 `binary` / `ubinary` are the packed sign bits, exactly as sentence-transformers' `quantize_embeddings`
-(`ubinary = np.packbits(v > 0)`, `binary = ubinary - 128`). `int8` / `uint8` map each dimension's
-range onto 256 steps with sentence-transformers' formula, but the range is fixed per model: it is
-measured once at load on the built-in calibration texts below (each with every prefix the model
-uses), never on the request's own batch, so a text gets the same codes whatever it is sent with.
-A value outside the calibration range is clipped to its ends.
+(`ubinary = np.packbits(v > 0)`, `binary = ubinary - 128`). `int8` is `round(v / step)` clipped to
+±127 with one step per model (and output width / normalisation): the largest |value| the model gives
+on the built-in calibration texts below (each with every prefix the model uses), measured once at
+load, divided by 127. Never the request's own batch, so a text gets the same codes whatever it is sent
+with; and zero stays zero, so the raw codes are proportional to the floats and a vector database's
+int8 dot product or cosine ranks as the floats do (sentence-transformers' per-dimension min/max
+mapping shifts each dimension and kept a cosine of only ~0.81 with the floats). `uint8` = int8 + 128.
 docs/dialects.md says what each type is for and how to rescore.
 """
 
@@ -72,35 +74,34 @@ def shape(rows: np.ndarray, dims: int, normalize: bool) -> np.ndarray:
 
 
 class Quantizer:
-    """One model's calibration rows (raw, full width) and the int8/uint8 ranges derived from them."""
+    """One model's calibration rows (raw, full width) and the int8 step derived from them."""
 
     def __init__(self, calibration_rows: np.ndarray) -> None:
         self.rows = np.asarray(calibration_rows, dtype=np.float32)
-        self._ranges: dict[tuple[int, bool], np.ndarray] = {}
+        self._steps: dict[tuple[int, bool], np.float32] = {}
 
     @classmethod
     def measure(cls, encode: Callable[[list[str]], np.ndarray], prefixes: Sequence[str]) -> "Quantizer":
         """`encode(texts)` → the model's raw rows (the engine's forward pass)."""
         return cls(encode(calibration_inputs(prefixes)))
 
-    def ranges(self, dims: int, normalize: bool) -> np.ndarray:
-        """(2, dims) per-dimension [min, max] of the calibration rows shaped as the request's rows."""
+    def step(self, dims: int, normalize: bool) -> np.float32:
+        """The value of one int8 unit for rows of this width and normalisation: max |calibration value| / 127."""
         key = (dims, normalize)
-        found = self._ranges.get(key)
+        found = self._steps.get(key)
         if found is None:
-            calib = shape(self.rows, dims, normalize)
-            found = self._ranges[key] = np.vstack((calib.min(axis=0), calib.max(axis=0))).astype(np.float32)
+            peak = float(np.abs(shape(self.rows, dims, normalize)).max())
+            found = self._steps[key] = np.float32(peak / 127 if peak > 0 else 1.0)
         return found
 
 
-def to_int8(rows: np.ndarray, ranges: np.ndarray, unsigned: bool = False) -> np.ndarray:
-    """sentence-transformers' int8/uint8 formula (floor onto 256 steps of each range, clipped)."""
-    ranges = ranges.astype(np.float32, copy=False)
-    starts = ranges[0, :]
-    steps = (ranges[1, :] - starts) / 255
-    steps = np.where(steps == 0, 1, steps)  # a constant dimension maps to step 0
-    codes = np.clip(np.floor((rows - starts) / steps), 0, 255)
-    return codes.astype(np.uint8) if unsigned else (codes - 128).astype(np.int8)
+def to_int8(rows: np.ndarray, step: np.float32) -> np.ndarray:
+    """round(v / step), clipped to ±127 (a value beyond the calibration peak saturates)."""
+    return np.clip(np.rint(rows / step), -127, 127).astype(np.int8)
+
+
+def to_uint8(rows: np.ndarray, step: np.float32) -> np.ndarray:
+    return (to_int8(rows, step).astype(np.int16) + 128).astype(np.uint8)
 
 
 def to_ubinary(rows: np.ndarray) -> np.ndarray:
@@ -111,15 +112,17 @@ def to_binary(rows: np.ndarray) -> np.ndarray:
     return (np.packbits(rows > 0, axis=-1) - 128).astype(np.int8)
 
 
-def by_type(rows: np.ndarray, ranges: Callable[[], np.ndarray], types: Sequence[str]) -> dict[str, Any]:
+def by_type(rows: np.ndarray, step: Callable[[], np.float32], types: Sequence[str]) -> dict[str, Any]:
     """Cohere's `embeddings` object: one list per requested type, rows in input order.
-    `ranges()` is called only when int8/uint8 are asked for."""
+    `step()` is called only when int8/uint8 are asked for."""
     out: dict[str, Any] = {}
     for kind in dict.fromkeys(types):
         if kind == "float":
             out["float"] = list(rows)
-        elif kind in ("int8", "uint8"):
-            out[kind] = list(to_int8(rows, ranges(), unsigned=kind == "uint8"))
+        elif kind == "int8":
+            out["int8"] = list(to_int8(rows, step()))
+        elif kind == "uint8":
+            out["uint8"] = list(to_uint8(rows, step()))
         elif kind == "ubinary":
             out["ubinary"] = list(to_ubinary(rows))
         elif kind == "binary":

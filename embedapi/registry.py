@@ -34,7 +34,7 @@ class LoadedModel:
     dtype: str
     load_seconds: float
     activation: Callable[[np.ndarray], np.ndarray]
-    quantizer: Quantizer | None = None  # embedding models: fixed int8/uint8 ranges (quantize.py)
+    quantizer: Quantizer | None = None  # embedding models: the fixed int8/uint8 step (quantize.py)
 
 
 @dataclass(frozen=True)

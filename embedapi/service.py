@@ -93,8 +93,8 @@ def embed(registry: Registry, settings: Settings, req: dict[str, Any], gone: Gon
         rows = _unit(rows)
     rows = np.ascontiguousarray(rows, dtype=np.float32)
     by_type = None
-    if req.get("embedding_types"):  # Cohere: int8/uint8 from the model's fixed calibration ranges
-        by_type = quantize.by_type(rows, lambda: model.quantizer.ranges(rows.shape[1], normalized),
+    if req.get("embedding_types"):  # Cohere: int8/uint8 with the model's fixed calibration step
+        by_type = quantize.by_type(rows, lambda: model.quantizer.step(rows.shape[1], normalized),
                                    req["embedding_types"])
 
     if req.get("encoding_format") == "base64":

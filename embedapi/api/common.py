@@ -18,6 +18,8 @@ from ..errors import InvalidRequest, Unauthorized
 from ..registry import Registry
 
 JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
+# request.environ key: the dialect whose error shape this request's errors take ("tei"; absent: the contract's)
+DIALECT = "embedapi.dialect"
 
 
 @dataclass

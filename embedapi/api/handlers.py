@@ -12,7 +12,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed as WzMethodNotAl
 
 from ..errors import APIError, ClientGone, InvalidRequest, MethodNotAllowed, RequestTooLarge, RouteNotFound, \
     ServerError
-from .common import json_response
+from .common import DIALECT, json_response
 
 log = logging.getLogger("embedapi.access")
 error_log = logging.getLogger("embedapi.errors")
@@ -20,7 +20,7 @@ error_log = logging.getLogger("embedapi.errors")
 
 def render(error: APIError) -> Response:
     g.error_code = error.code or error.type
-    body = error.tei_body() if g.get("dialect") == "tei" else error.body()  # TEI routes: TEI's shape
+    body = error.tei_body() if request.environ.get(DIALECT) == "tei" else error.body()  # TEI routes: TEI's shape
     return json_response(body, status=error.status, headers=error.headers)
 
 

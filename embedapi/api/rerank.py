@@ -1,11 +1,11 @@
 """POST /v1/rerank, /rerank (Jina / Cohere v1 + the seed's fields) and /v2/rerank (Cohere v2).
 
-/rerank also takes TEI's body (`texts` instead of `documents`) and then answers as TEI (api/tei.py).
+Both v1 paths also take TEI's body (`texts` instead of `documents`) and then answers as TEI (api/tei.py).
 """
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, request
+from flask import Blueprint, Response
 
 from .. import service
 from . import tei
@@ -22,7 +22,7 @@ _v2 = RerankV2Request()
 @bp.post("/rerank")
 def rerank_v1() -> Response:
     body = read_json()
-    if request.path == "/rerank" and "texts" in body and "documents" not in body:
+    if "texts" in body and "documents" not in body:
         return tei.rerank_body(body)  # TEI's body (query, texts): TEI's bare array answer
     req = load(_v1, body)
     return json_response(_rerank(req))

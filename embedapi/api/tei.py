@@ -3,18 +3,18 @@
 What Haystack's and LlamaIndex's TEI integrations, huggingface_hub's InferenceClient and TEI scripts
 send. Each body is translated into the request dict of `service.embed` / `service.rerank` (one
 service path with the OpenAI route); answers are TEI's bare arrays, errors TEI's
-`{"error": "...", "error_type": "..."}` (`g.dialect`, read by handlers.render).
+`{"error": "...", "error_type": "..."}` (marked in request.environ, read by handlers.render).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, Response, g, request
+from flask import Blueprint, Response, request
 
 from .. import __version__, service
 from ..errors import InvalidRequest
-from .common import client_gone, json_response, load, note, read_json, require_api_key, state
+from .common import DIALECT, client_gone, json_response, load, note, read_json, require_api_key, state
 from .dialect_schemas import TeiDecodeRequest, TeiEmbedRequest, TeiRerankRequest, TeiTokenizeRequest
 
 bp = Blueprint("tei", __name__)
@@ -22,7 +22,7 @@ bp = Blueprint("tei", __name__)
 
 @bp.before_request
 def _tei() -> None:
-    g.dialect = "tei"
+    request.environ[DIALECT] = "tei"
     require_api_key()
 
 
@@ -61,7 +61,7 @@ def embed_body(body: dict[str, Any]) -> Response:
 
 def rerank_body(body: dict[str, Any]) -> Response:
     """TEI's rerank: `{query, texts}` → `[{index, score, text?}]`, every text, best first."""
-    g.dialect = "tei"
+    request.environ[DIALECT] = "tei"
     tei = load(_rerank, body)
     req = {"query": tei["query"], "documents": tei["texts"], "model": default_model("rerank", tei.get("model")),
            "raw_scores": tei["raw_scores"], "truncate": tei.get("truncate"),
