@@ -61,7 +61,8 @@ ERROR = {"$ref": "#/components/schemas/ErrorResponse"}
 TEI_ERROR = {"$ref": "#/components/schemas/TeiError"}
 # Each model route's error body: the contract's, TEI's on TEI's routes, either where the body decides.
 ERROR_BODIES = {"/v1/embeddings": ERROR, "/embeddings": ERROR, "/v2/rerank": ERROR, "/v2/embed": ERROR,
-                "/v1/embed": ERROR, "/v1/rerank": {"oneOf": [ERROR, TEI_ERROR]}, "/rerank": {"oneOf": [ERROR, TEI_ERROR]},
+                "/v1/embed": ERROR, "/v1/rerank": {"oneOf": [ERROR, TEI_ERROR]},
+                "/rerank": {"oneOf": [ERROR, TEI_ERROR]},
                 "/embed": TEI_ERROR, "/tokenize": TEI_ERROR, "/decode": TEI_ERROR, "/": TEI_ERROR}
 
 

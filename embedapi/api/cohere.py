@@ -16,7 +16,7 @@ from flask import Blueprint, Response
 
 from .. import service
 from ..errors import InvalidRequest
-from .common import client_gone, json_response, load, note, read_json, require_api_key, state
+from .common import client_gone, json_response, load, note, read_json, renamed, require_api_key, state
 from .dialect_schemas import CohereEmbedV1Request, CohereEmbedV2Request
 from .tei import default_model
 
@@ -39,7 +39,8 @@ def _embed(co: dict[str, Any], version: str) -> tuple[dict[str, Any], dict[str, 
         "embedding_types": co.get("embedding_types") or ["float"],
     }
     st = state()
-    out = service.embed(st.registry, st.settings, req, gone=client_gone())
+    with renamed({"input": "texts", "dimensions": "output_dimension"}):
+        out = service.embed(st.registry, st.settings, req, gone=client_gone())
     tokens = out["usage"]["total_tokens"]
     note(req["model"], len(req["input"]), tokens)
     meta = {"api_version": {"version": version}, "billed_units": {"input_tokens": tokens},

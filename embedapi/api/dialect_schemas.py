@@ -143,8 +143,9 @@ class TeiInfo(Schema):
     max_input_length = fields.Integer(required=True, allow_none=True)
     max_batch_tokens = fields.Integer(required=True, allow_none=True,
                                       metadata={"description": "padded tokens per forward pass; null until loaded"})
-    max_queue_tokens = fields.Integer(required=True, metadata={"description": "beyond this a 429 (no request "
-                                                                              "count limit: TEI's max_concurrent_requests)"})
+    max_queue_tokens = fields.Integer(required=True, metadata={
+        "description": "queued tokens beyond which a 429 comes (there is no request count limit like TEI's "
+                       "max_concurrent_requests)"})
     max_batch_requests = fields.Integer(required=True, allow_none=True)
     max_client_batch_size = fields.Integer(required=True)
     auto_truncate = fields.Boolean(required=True)

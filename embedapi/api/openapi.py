@@ -162,7 +162,8 @@ OPERATIONS: dict[str, Operation] = {
         "Rerank documents (Cohere v2)", "rerank", "RerankV2Response", request="RerankV2Request",
         errors=_MODEL_ERRORS, auth=True),
     "tei.embed": Operation(
-        "Embed (text-embeddings-inference)", "tei", content={"application/json": _TEI_VECTORS}, request="TeiEmbedRequest",
+        "Embed (text-embeddings-inference)", "tei", content={"application/json": _TEI_VECTORS},
+        request="TeiEmbedRequest",
         errors=_MODEL_ERRORS, auth=True, error_schemas=_TEI_ERRORS,
         description="TEI's /embed: a bare array of vectors in input order. `prompt_name` is an input_type (query, "
                     "document, ...) and picks the model's prefix; without `model`, the first configured embedding "

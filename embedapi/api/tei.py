@@ -14,7 +14,7 @@ from flask import Blueprint, Response, request
 
 from .. import __version__, service
 from ..errors import InvalidRequest
-from .common import DIALECT, client_gone, json_response, load, note, read_json, require_api_key, state
+from .common import DIALECT, client_gone, json_response, load, note, read_json, renamed, require_api_key, state
 from .dialect_schemas import TeiDecodeRequest, TeiEmbedRequest, TeiRerankRequest, TeiTokenizeRequest
 
 bp = Blueprint("tei", __name__)
@@ -54,7 +54,8 @@ def _embed_request(req: dict[str, Any]) -> dict[str, Any]:
 def embed_body(body: dict[str, Any]) -> Response:
     req = _embed_request(load(_embed, body))
     st = state()
-    out = service.embed(st.registry, st.settings, req, gone=client_gone())
+    with renamed({"input": "inputs"}):
+        out = service.embed(st.registry, st.settings, req, gone=client_gone())
     note(req["model"], len(req["input"]), out["usage"]["total_tokens"])
     return json_response([d["embedding"] for d in out["data"]])
 
@@ -67,7 +68,8 @@ def rerank_body(body: dict[str, Any]) -> Response:
            "raw_scores": tei["raw_scores"], "truncate": tei.get("truncate"),
            "truncation_direction": tei["truncation_direction"].lower()}
     st = state()
-    out = service.rerank(st.registry, st.settings, req, gone=client_gone())
+    with renamed({"documents": "texts"}):
+        out = service.rerank(st.registry, st.settings, req, gone=client_gone())
     note(req["model"], len(req["documents"]), out["usage"]["total_tokens"])
     ranks = []
     for r in out["results"]:
@@ -89,7 +91,8 @@ def tokenize() -> Response:
     req = {"input": tei["inputs"], "model": default_model("embedding", tei.get("model")),
            "input_type": tei.get("prompt_name"), "add_special_tokens": tei["add_special_tokens"]}
     st = state()
-    out = service.tokenize(st.registry, st.settings, req, gone=client_gone())
+    with renamed({"input": "inputs"}):
+        out = service.tokenize(st.registry, st.settings, req, gone=client_gone())
     note(req["model"], len(req["input"]), out["usage"])
     return json_response(out["tokens"])
 
