@@ -276,3 +276,18 @@ def test_api_keys_accept_each_configured_key(keyed_app):
 def test_no_keys_configured_accepts_empty_authorization_header(client):
     assert client.post(E, json=OK_EMBED, headers={"Authorization": ""}).status_code == 200
     assert client.post(E, json=OK_EMBED, headers={"Authorization": "Bearer anything"}).status_code == 200
+
+
+def test_api_keys_guard_the_dialect_routes_in_their_shapes(keyed_app):
+    client = keyed_app.test_client()
+    for path, body in (("/embed", {"inputs": "a"}), ("/", {"inputs": "a"}), ("/tokenize", {"inputs": "a"}),
+                       ("/decode", {"ids": [1]})):
+        resp = client.post(path, json=body, headers={"Authorization": "Bearer wrong"})
+        assert resp.status_code == 401 and resp.json["error_type"] == "Unauthorized" and "Bearer" in resp.json["error"]
+    assert client.get("/info").status_code == 401
+    cohere = {"model": EMBED, "texts": ["a"], "input_type": "search_query"}
+    for path in ("/v2/embed", "/v1/embed"):
+        assert_error_shape(client.post(path, json=cohere), 401, "invalid_api_key")
+        assert client.post(path, json=cohere, headers={"Authorization": "Bearer k-one"}).status_code == 200
+    ok = client.post("/embed", json={"inputs": "a"}, headers={"Authorization": "Bearer k-two"})
+    assert ok.status_code == 200 and isinstance(ok.json, list)
