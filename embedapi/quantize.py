@@ -4,7 +4,7 @@
 (`ubinary = np.packbits(v > 0)`, `binary = ubinary - 128`). `int8` is `round(v / step)` clipped to
 ±127 with one step per model (and output width / normalisation): the largest |value| the model gives
 on the built-in calibration texts below (each with every prefix the model uses), measured once at
-load, divided by 127. Never the request's own batch, so a text gets the same codes whatever it is sent
+load, rounded up to two significant digits, divided by 127. Never the request's own batch, so a text gets the same codes whatever it is sent
 with; and zero stays zero, so the raw codes are proportional to the floats and a vector database's
 int8 dot product or cosine ranks as the floats do (sentence-transformers' per-dimension min/max
 mapping shifts each dimension and kept a cosine of only ~0.81 with the floats). `uint8` = int8 + 128.
@@ -14,6 +14,7 @@ docs/dialects.md says what each type is for and how to rescore.
 from __future__ import annotations
 
 import base64
+import math
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -90,9 +91,18 @@ class Quantizer:
         key = (dims, normalize)
         found = self._steps.get(key)
         if found is None:
-            peak = float(np.abs(shape(self.rows, dims, normalize)).max())
-            found = self._steps[key] = np.float32(peak / 127 if peak > 0 else 1.0)
+            found = self._steps[key] = np.float32(round_up(float(np.abs(shape(self.rows, dims, normalize)).max()))
+                                                  / 127)
         return found
+
+
+def round_up(peak: float) -> float:
+    """`peak` rounded up to two significant digits (0.4922 → 0.5): workers on other devices or dtypes, whose
+    calibration rows differ in the last bits, then (almost always) share the step and so the codes."""
+    if not peak > 0:
+        return 127.0  # a model that only gives zeros: any step will do
+    unit = 10.0 ** (math.floor(math.log10(peak)) - 1)
+    return math.ceil(peak / unit - 1e-9) * unit
 
 
 def to_int8(rows: np.ndarray, step: np.float32) -> np.ndarray:

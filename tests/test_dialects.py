@@ -194,6 +194,14 @@ def test_binary_types_match_sentence_transformers(client):
     assert len(got["binary"][0]) == floats.shape[1] // 8
 
 
+def test_the_step_is_rounded_so_replicas_agree():
+    assert quantize.round_up(0.4922) == pytest.approx(0.5) and quantize.round_up(0.5) == pytest.approx(0.5)
+    assert quantize.round_up(0.0123) == pytest.approx(0.013) and quantize.round_up(3.21) == pytest.approx(3.3)
+    rows = np.array([[0.30, -0.4922], [0.1, 0.2]], dtype=np.float32)
+    noisy = rows * np.float32(1.0005)  # another dtype's last bits
+    assert quantize.Quantizer(rows).step(2, False) == quantize.Quantizer(noisy).step(2, False) == np.float32(0.5 / 127)
+
+
 def test_calibration_is_fixed_and_covers_every_prefix():
     inputs = quantize.calibration_inputs(["検索クエリ: ", "検索文書: ", "トピック: ", "トピック: ", ""])
     assert len(inputs) == 4 * len(quantize.CALIBRATION_TEXTS)
