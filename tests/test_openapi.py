@@ -106,7 +106,7 @@ def test_request_schemas_are_the_validating_schemas(doc):
 
 
 def test_examples_are_valid_and_accepted(client, doc):
-    for path in ("/v1/embeddings", "/v1/rerank", "/v2/rerank"):
+    for path in ("/v1/embeddings", "/v1/rerank", "/v2/rerank", "/embed", "/", "/tokenize", "/v2/embed"):
         media = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]
         ref = media["schema"].get("$ref") or media["schema"]["oneOf"][0]["$ref"]  # /v1/rerank: or TEI's body
         conforms(doc, ref.rsplit("/", 1)[1], media["example"])

@@ -308,6 +308,13 @@ def _example(settings: Settings, op: Operation) -> dict[str, Any] | None:
     if op.request in ("RerankRequest", "RerankV2Request") and rerank:
         return {"model": rerank, "query": "蔵王温泉の泉質は？",
                 "documents": ["蔵王温泉は強酸性の硫黄泉です。", "名古屋は愛知県にあります。"], "top_n": 1}
+    if op.request == "TeiEmbedRequest" and embed:  # no model: the first embedding model
+        return {"inputs": ["名古屋大学で開発された日本語の埋め込みモデルです。"], "prompt_name": "document"}
+    if op.request == "TeiTokenizeRequest" and embed:
+        return {"inputs": "蔵王温泉の泉質は？", "prompt_name": "query"}
+    if op.request == "CohereEmbedV2Request" and embed:
+        return {"model": embed, "texts": ["蔵王温泉の泉質は？"], "input_type": "search_query",
+                "embedding_types": ["float", "int8"]}
     return None
 
 
