@@ -132,13 +132,15 @@ class TextEncoder:
         head, tail = list(seq[:len(t.head)]), list(seq[len(seq) - len(t.tail):]) if t.tail else []
         body = list(seq[len(head):len(seq) - len(tail)])
         ids, offsets = self._encode_with_offsets(text)
-        if body == ids[:len(body)]:
-            kept = list(range(len(body)))
-        else:  # cut on the left: a leading run (the prefix), then the text's end
-            keep = 0
-            while keep < len(body) and body[keep] == ids[keep]:
-                keep += 1
-            kept = [*range(keep), *range(len(ids) - (len(body) - keep), len(ids))]
+        n, total = len(body), len(ids)
+        if body == ids[:n]:
+            kept = list(range(n))
+        else:  # cut on the left: a leading run (the prefix, maybe empty), then the text's end
+            common = 0
+            while common < n and body[common] == ids[common]:
+                common += 1
+            keep = next(k for k in range(common + 1) if body[k:] == ids[total - (n - k):])
+            kept = [*range(keep), *range(total - (n - keep), total)]
         cum = [0]
         for ch in text:
             cum.append(cum[-1] + len(ch.encode("utf-8")))

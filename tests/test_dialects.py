@@ -205,3 +205,15 @@ def test_calibration_is_fixed_and_covers_every_prefix():
     inputs = quantize.calibration_inputs(["検索クエリ: ", "検索文書: ", "トピック: ", "トピック: ", ""])
     assert len(inputs) == 4 * len(quantize.CALIBRATION_TEXTS)
     assert inputs[len(quantize.CALIBRATION_TEXTS)].startswith("検索クエリ: ")
+
+
+def test_tokenize_offsets_after_a_left_cut_without_prefix(app):
+    """The tokens' offsets point at the text's end after a left cut, even when its first token recurs there."""
+    encoder = app.extensions["embedapi"].registry.models[EMBED_SHORT].encoder
+    text = "あい" + "うえお" * 10 + "あい"
+    ids = encoder.ids([text])[0]
+    seq = encoder.single(ids, left=True)
+    tokens = encoder.describe(text, seq)
+    assert [t["id"] for t in tokens] == seq and len(seq) == SHORT_MAX
+    raw = text.encode("utf-8")
+    assert tokens[-2]["stop"] == len(raw) and raw[tokens[1]["start"]:tokens[-2]["stop"]].decode().endswith("えおあい")
