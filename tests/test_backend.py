@@ -54,7 +54,7 @@ def test_the_registry_gives_every_model_the_device_slots(models_file):
         assert len(slots) == 1  # one device: its models share the lanes
         engine = models[EMBED].engine
         assert engine.slots.lanes == 3 and engine.slots.threads == 2 and engine.slots.share == 1
-        assert len(engine._threads) == 3
+        assert len(engine.slots._threads) == 3
     finally:
         app.extensions["embedapi"].registry.shutdown()
         torch.set_num_threads(before)
