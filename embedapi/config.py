@@ -168,6 +168,7 @@ class Settings:
     torch_threads: int = 0  # 0 = cores / workers
     parallel_batches: int = 0  # 0 = the device's default (backend: 2 on a CPU with 2+ threads, else 1)
     bulk_lanes: int = 0  # passes bulk requests may hold at once; 0 = all but one (engine.DeviceSlots)
+    busy_wait_ms: float = 200.0  # while bulk work runs, other passes start at most this often (and batch)
     trace: bool = True  # CPU: run each transformer traced to TorchScript (GIL released), if it matches eager
     log_format: str = "text"
     log_level: str = "INFO"
@@ -205,6 +206,7 @@ class Settings:
             torch_threads=_env_int(env, "EMBEDAPI_TORCH_THREADS", 0),
             parallel_batches=_env_int(env, "EMBEDAPI_PARALLEL_BATCHES", 0),
             bulk_lanes=_env_int(env, "EMBEDAPI_BULK_LANES", 0),
+            busy_wait_ms=_env_float(env, "EMBEDAPI_BUSY_WAIT_MS", 200.0),
             trace=_env_bool(env, "EMBEDAPI_TRACE", True),
             log_format=log_format,
             log_level=env.get("EMBEDAPI_LOG_LEVEL", "INFO").strip().upper() or "INFO",

@@ -125,14 +125,18 @@ class DeviceSlots:
     else to run gets all of the worker's `threads`, else an equal share (`threads` 0 leaves the
     count alone, as on GPUs). Jobs of every model take turns in one ring (deficit round-robin, a
     quantum of one batch budget per turn); a job over one batch budget is bulk and bulk passes hold
-    at most `bulk_lanes` lanes at once (0: all but one lane when there are two or more).
+    at most `bulk_lanes` lanes at once (0: all but one lane when there are two or more). While bulk
+    work runs, other passes start at most every `busy_wait_ms` and batch together meanwhile, so a
+    stream of queries costs the bulk work little and each still waits a fraction of a second.
     """
 
-    def __init__(self, lanes: int = 1, threads: int = 0, bulk_lanes: int = 0) -> None:
+    def __init__(self, lanes: int = 1, threads: int = 0, bulk_lanes: int = 0, busy_wait_ms: float = 200.0) -> None:
         self.lanes = max(1, lanes)
         self.threads = max(0, threads)
         self.share = max(1, self.threads // self.lanes) if self.threads else 0
         self.bulk_lanes = min(self.lanes, bulk_lanes) if bulk_lanes > 0 else max(1, self.lanes - 1)
+        self.busy_wait = max(0.0, busy_wait_ms) / 1000.0
+        self._last_beside_bulk = float("-inf")  # when a pass last started beside running bulk work
         self._cond = threading.Condition()
         self._ring: deque[Job] = deque()
         self._engines: list[Engine] = []
@@ -224,10 +228,17 @@ class DeviceSlots:
         engine = anchor.engine
         assert engine is not None
         batch = engine._select(anchor, self._ring, bulk_ok)
+        now = time.monotonic()
         if engine.batching and engine._last_jobs > 1 and not engine._full(batch):
-            left = anchor.submitted + engine.batch_wait - time.monotonic()
+            left = anchor.submitted + engine.batch_wait - now
             if left > 0:
                 return left
+        beside_bulk = self._running_bulk > 0 and not any(it.job.bulk for it in batch)
+        if beside_bulk:
+            left = self._last_beside_bulk + self.busy_wait - now
+            if left > 0:
+                return left
+            self._last_beside_bulk = now
         jobs = engine._take(batch)
         for job in jobs:
             if not job.pending and job in self._ring:
@@ -242,8 +253,11 @@ class DeviceSlots:
         more = self._runnable()
         if more:
             self._cond.notify()  # work left for another lane
-        threads = self.threads if (self._running == 1 and not more) else self.share
-        now = time.monotonic()
+        # A lone pass gets every thread; so does a bulk pass while it is the only one (the other lanes
+        # are kept for short passes, which come and go).
+        alone = self._running == 1 and not more
+        threads = self.threads if (alone or (bulk and self._running_bulk == 1 and self.bulk_lanes == 1)) \
+            else self.share
         first = [job for job in jobs if job.first_pass is None]
         for job in first:
             job.first_pass = now

@@ -29,6 +29,7 @@ class Stepper:
 
     def __init__(self, on_pass=None) -> None:
         self.passes: list[list[int]] = []
+        self.released_before: list[set[int]] = []  # per pass: the passes already let go when it started
         self._gates: list[threading.Event] = []
         self._entered = threading.Semaphore(0)
         self._lock = threading.Lock()
@@ -39,6 +40,7 @@ class Stepper:
         gate = threading.Event()
         with self._lock:
             self.passes.append([int(s[0]) for s in batch])
+            self.released_before.append({i for i, g in enumerate(self._gates) if g.is_set()})
             self._gates.append(gate)
             n = len(self.passes)
             if self.free:
@@ -121,6 +123,26 @@ def test_with_two_lanes_a_query_runs_while_bulk_work_holds_the_other(engines):
     check_rows(query, 2, 1, SHORT)  # answered while the bulk pass is still in the model
     stepper.run_free()
     check_rows(bulk, 1, 40, LONG)
+
+
+def test_beside_running_bulk_work_queries_are_batched_instead_of_run_one_by_one(engines):
+    stepper = Stepper()
+    engine = engines(stepper, slots=DeviceSlots(lanes=2, threads=2, busy_wait_ms=BOUND * 1000))
+    bulk = engine.submit(items(1, 5, LONG))  # over one batch budget: bulk
+    stepper.entered()
+    first = engine.submit(items(2, 1, SHORT))
+    stepper.entered()  # the first query beside the bulk pass runs at once
+    stepper.release(1)
+    check_rows(first, 2, 1, SHORT)
+    later = [engine.submit(items(3, 1, SHORT)), engine.submit(items(4, 1, SHORT))]
+    stepper.release(0)  # the bulk pass ends; the two queries waited for it instead of a pass each
+    stepper.run_free()
+    check_rows(later[0], 3, 1, SHORT)
+    check_rows(later[1], 4, 1, SHORT)
+    check_rows(bulk, 1, 5, LONG)
+    served = [i for i, p in enumerate(stepper.passes) if {3, 4} & {owner(t) for t in p}]
+    assert len(served) == 1 and {3, 4} <= {owner(t) for t in stepper.passes[served[0]]}, stepper.passes
+    assert 0 in stepper.released_before[served[0]]
 
 
 def test_two_bulk_requests_progress_together(engines):
