@@ -174,7 +174,8 @@ def main() -> int:
     ap.add_argument("--words", type=int, default=40, help="words per text (about 1.5 tokens each with Ruri)")
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--torch-threads", default="2", help="local server: EMBEDAPI_TORCH_THREADS (the pod's CPUs)")
-    ap.add_argument("--threads", default="64", help="local server: EMBEDAPI_THREADS (request threads; 64 is the default)")
+    ap.add_argument("--threads", default="64",
+                    help="local server: EMBEDAPI_THREADS (request threads; 64 is the default)")
     ap.add_argument("--models-dir", default=os.environ.get("EMBEDAPI_BENCH_MODELS",
                                                             str(Path(tempfile.gettempdir()) / "embedapi-bench")))
     args = ap.parse_args()
@@ -205,7 +206,8 @@ def main() -> int:
         for share in (0.5, 1.5):
             rate = share * capacity / per_request
             samples, counts = open_loop(load, url, rate, args.seconds)
-            print(f"{2 if share < 1 else 3}. {share:.0%} of capacity ({rate:.1f} requests/s): queue: {summary(samples)}; "
+            print(f"{2 if share < 1 else 3}. {share:.0%} of capacity ({rate:.1f} requests/s): "
+                  f"queue: {summary(samples)}; "
                   f"{counts[1]} answered, {counts[2]} x 429, {counts[3]} failed")
         print(f"target for 0.25 s of queued work per pod: {capacity * 0.25:.0f} tokens")
     finally:

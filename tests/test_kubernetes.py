@@ -97,7 +97,8 @@ def test_every_variant_renders_and_validates_strictly(rendered) -> None:
                               timeout=120)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         # Only the two CRDs have no schema offline; the test below checks them field by field.
-        missing = set(re.findall(r"Couldn't find schema for kind (\w+) with api version (\S+)", proc.stdout + proc.stderr))
+        missing = set(re.findall(r"Couldn't find schema for kind (\w+) with api version (\S+)",
+                                 proc.stdout + proc.stderr))
         assert {(api, kind) for kind, api in missing} <= CRDS, missing
     kinds = {v: sorted(o["kind"] for o in objs) for v, (_, objs) in rendered.items()}
     for overlay in OVERLAYS:
@@ -113,7 +114,8 @@ def test_probes_and_port_match_the_server(rendered, client) -> None:
         c = container(objects)
         env = env_of(c)
         (port,) = c["ports"]
-        assert port["name"] == "http" and port["containerPort"] == Settings.from_env({"APP_PORT": env["APP_PORT"]}).port == 8000
+        assert port["name"] == "http"
+        assert port["containerPort"] == Settings.from_env({"APP_PORT": env["APP_PORT"]}).port == 8000
         assert c["startupProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
         assert c["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
         assert c["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
@@ -262,7 +264,8 @@ def test_autoscaling_metric_is_what_metrics_serves(rendered, client) -> None:
         assert trigger["type"] == "prometheus" and trigger["metricType"] == "AverageValue"
         assert re.search(rf"\b{series}\{{", trigger["metadata"]["query"])
         assert trigger["metadata"]["threshold"] == target["queueTokensPerPod"]
-        assert scaled["scaleTargetRef"]["name"] == "embedapi" and scaled["minReplicaCount"] == hpa["spec"]["minReplicas"]
+        assert scaled["scaleTargetRef"]["name"] == "embedapi"
+        assert scaled["minReplicaCount"] == hpa["spec"]["minReplicas"]
         monitor = one(objects, "ServiceMonitor")["spec"]
         service = one(objects, "Service")
         assert monitor["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()

@@ -148,7 +148,7 @@ class Clients:
             out = Outcome(started, 0.0, "", texts=texts)
             try:
                 if conn is None:
-                    conn = http.client.HTTPConnection(self.host, self.port, timeout=60)
+                    conn = http.client.HTTPConnection(self.host, self.port, timeout=120)
                 conn.request("POST", "/v1/embeddings", json.dumps({"model": EMBED, "input": texts}),
                              {"Content-Type": "application/json"})
                 resp = conn.getresponse()
@@ -222,11 +222,13 @@ def test_rolling_restart_and_worker_kill_behind_nginx(model_dirs: dict[str, Path
     replicas = [GunicornServer(models, workers=1, env={"EMBEDAPI_TRACE": "false"}) for _ in range(2)]
     nginx = None
     figures: dict[str, float | int] = {}
+    begun = time.monotonic()
     try:
         for r in replicas:  # both load their models at once; GunicornServer.start() would wait for each
             launch(r)
         for r in replicas:
             r.wait_ready(180)
+        figures["first_ready_s"] = time.monotonic() - begun
         nginx = Nginx([r.port for r in replicas]).start()
         first, second = replicas
         with Clients(nginx.url, pool) as clients:
@@ -266,7 +268,7 @@ def test_rolling_restart_and_worker_kill_behind_nginx(model_dirs: dict[str, Path
         return [o for o in items if o.status != 200]
 
     # what the closing note reports
-    figures.update(requests=len(outcomes), failures=len(failed(outcomes)),
+    figures.update(total_s=time.monotonic() - begun, requests=len(outcomes), failures=len(failed(outcomes)),
                    phase1_requests=len(phase1), phase1_failures=len(failed(phase1)),
                    phase2_requests=len(phase2), phase2_failures=len(failed(phase2)))
     print("replicas behind nginx:", json.dumps({k: round(v, 2) if isinstance(v, float) else v
