@@ -353,9 +353,15 @@ def openapi_json() -> Response:
 SWAGGER_UI_DIR = str(importlib.resources.files("flask_swagger_ui") / "dist")
 DOCS_ASSETS_URL = "/docs/assets"
 
+# The model routes first, the probes and documents last (the document lists paths alphabetically).
 _DOCS_SCRIPT = """window.onload = function () {
+  var rank = function (tag) {
+    var i = ["embeddings", "rerank", "models"].indexOf(tag);
+    return i >= 0 ? i : (tag === "operations" ? 99 : 50);
+  };
   window.ui = SwaggerUIBundle({url: "openapi.json", dom_id: "#swagger-ui", layout: "BaseLayout",
-                               deepLinking: true, validatorUrl: null});
+                               deepLinking: true, validatorUrl: null,
+                               tagsSorter: function (a, b) { return rank(a) - rank(b) || a.localeCompare(b); }});
 };"""
 _DOCS_HTML = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>embedapi API</title>
