@@ -61,14 +61,16 @@ def number(cell: str) -> float | None:
 
 
 def throughput_rows(results: dict[str, Any]) -> list[tuple[str, float | None, float | None]]:
-    """(label, raw, server) for every texts/s row: the workloads and configurations the run compared."""
+    """(label, raw, server) for every texts/s row (the paired rows are texts/s too): the workloads and
+    configurations the run compared. A cell of two figures ("a / b") is left out."""
     out = []
     for r in results["rows"]:
-        if not r["measurement"].endswith("texts/s") or " / " in r["raw"]:  # "a / b" cells hold two figures
+        what = r["measurement"]
+        if not ("texts/s" in what or what.startswith("(2) paired")) or " / " in r["raw"] + r["server"]:
             continue
         raw, server = number(r["raw"]), number(r["server"])
         if raw is not None or server is not None:
-            out.append((r["measurement"].removesuffix(", texts/s"), raw, server))
+            out.append((what.removesuffix(", texts/s"), raw, server))
     return out
 
 

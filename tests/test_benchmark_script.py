@@ -61,7 +61,9 @@ def test_benchmark_smoke_prints_every_row(tmp_path):
     ns = {"s": "http://www.w3.org/2000/svg"}
     labels = [t.text for t in svg.iterfind("s:text[@class='label']", ns)]
     assert "(2) server, 32 clients x 1 text/request, float32" in labels
-    assert any(label.startswith("(3) server, batching off") for label in labels)
+    for start in ("(1) raw encode, ~50-token texts/s, float32", "(2) paired: raw fp32", "(3) server, batching off",
+                  "(2) ceiling", "(4) one request of"):
+        assert any(label.startswith(start) for label in labels), start
     bars = svg.findall("s:rect[@class='server']", ns)
     assert len(bars) >= 6 and all(float(b.get("width")) > 0 for b in bars)
     assert results["commit"] in svg.find("s:text[@class='title']", ns).text
