@@ -35,7 +35,8 @@ ROWS = [
 
 def test_benchmark_smoke_prints_every_row(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "benchmark.py"), "--quick", "--smoke",
-                          "--models-dir", str(tmp_path), "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=900)
+                          "--models-dir", str(tmp_path), "--out", str(tmp_path / "out")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     table = out.stdout
     print(table)
