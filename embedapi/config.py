@@ -145,7 +145,7 @@ def _api_keys(env: Mapping[str, str]) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything the server can be told, with its defaults (README lists each)."""
+    """Everything the server can be told, with its defaults (docs/configuration.md lists each)."""
 
     models: tuple[ModelSpec, ...]
     models_file: str | None = None

@@ -1,4 +1,4 @@
-"""Prometheus metrics: requests, batches, queue, tokens, model loading (README "運用" lists them).
+"""Prometheus metrics: requests, batches, queue, tokens, model loading (docs/operations.md lists them).
 
 Under Gunicorn, `gunicorn.conf.py` sets PROMETHEUS_MULTIPROC_DIR before anything imports
 prometheus_client, so every worker writes its values to files there and one scrape of any worker
