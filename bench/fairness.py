@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import socket
 import sys
 import tempfile
 import threading
@@ -89,6 +90,7 @@ def query_clients(port: int, bodies: list[bytes], stop: threading.Event, n_each:
 
 def bulk_once(port: int, payload: bytes) -> float:
     conn = Conn(port)
+    conn.sock = socket.create_connection(("127.0.0.1", port), timeout=3600)  # a shared machine may be slow
     started = time.perf_counter()
     status, out = conn.post("/v1/embeddings", payload)
     seconds = time.perf_counter() - started
@@ -101,7 +103,7 @@ def bulk_once(port: int, payload: bytes) -> float:
 def measure(toml: Path, label: str, env: dict[str, str], queries: list[bytes], bulk: bytes, bulk_tokens: int,
             n_idle: int, row, mixed: bytes, mixed_tokens: int) -> None:
     # The bulk request (~420k tokens) is over the default per-request limit (300k, as OpenAI's).
-    server = start_server(toml, EMBEDAPI_MAX_REQUEST_TOKENS="1000000", **env)
+    server = start_server(toml, EMBEDAPI_MAX_REQUEST_TOKENS="1000000", EMBEDAPI_REQUEST_TIMEOUT="3600", **env)
     try:
         port = server.port
         stop = threading.Event()
@@ -112,14 +114,18 @@ def measure(toml: Path, label: str, env: dict[str, str], queries: list[bytes], b
         result: dict[str, float] = {}
 
         def run_bulk() -> None:
-            result["seconds"] = bulk_once(port, bulk)
-            stop.set()
+            try:
+                result["seconds"] = bulk_once(port, bulk)
+            finally:
+                stop.set()  # the query clients stop with the bulk request, whatever its outcome
 
         bulk_thread = threading.Thread(target=run_bulk, daemon=True)
         bulk_thread.start()
         time.sleep(min(1.0, alone / 4))  # the bulk request is in the model before the queries start
         busy = query_clients(port, queries, stop)
         bulk_thread.join(3600)
+        if "seconds" not in result:
+            raise RuntimeError("the bulk request with queries failed (see above)")
         with_q = result["seconds"]
         mixed_s = bulk_once(port, mixed)
     finally:
@@ -146,13 +152,14 @@ def main() -> int:
     ap.add_argument("--models-dir", default=os.environ.get("EMBEDAPI_BENCH_MODELS",
                                                             str(Path(tempfile.gettempdir()) / "embedapi-bench")))
     ap.add_argument("--only-default", action="store_true", help="skip the EMBEDAPI_BULK_LANES=2 comparison")
+    ap.add_argument("--bulk-texts", type=int, default=0, help="texts in the bulk request (default 128, quick 48)")
     args = ap.parse_args()
     smoke = args.smoke
     shape = SMOKE_SHAPE if smoke else RURI_V3_SHAPES["ruri-v3-30m"]
     root = Path(args.models_dir) / ("smoke" if smoke else "real")
     paths = build_models(root, {"embed-30m": ("embedding", shape)})
     paths["embed"] = paths["embed-30m"]
-    n_bulk = 8 if smoke else (48 if args.quick else 128)
+    n_bulk = args.bulk_texts or (8 if smoke else (48 if args.quick else 128))
     bulk_len = 600 if smoke else 3300
     n_idle = 5 if smoke else 40
 
