@@ -24,7 +24,9 @@ in one run on the same machine, it measures and prints:
     /work/venv/bin/python bench/benchmark.py --quick --smoke   # tiny shapes: proves the script works
 
 Throughput figures are best-of-N repetitions (the machine may be shared). Nothing here is
-asserted: the table reports ratios and whether each target is met.
+asserted: the table reports ratios and whether each target is met. Each run also saves its results
+(`--out`, default bench/out/: benchmark-<mode>-<UTC time>.json and the table as .md); bench/chart.py
+draws a results file as the chart in docs/benchmarks.md, which also holds the method and past runs.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -57,6 +60,7 @@ if "--raw-probe" not in sys.argv:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from chart import save_results  # noqa: E402  (bench/chart.py: the results file and its chart)
 from tests.server import GunicornServer, call  # noqa: E402
 from tests.synthetic_models import RURI_V3_SHAPES, build_embedding_model, build_reranker, build_tokenizer, \
     corpus  # noqa: E402
@@ -373,6 +377,8 @@ def main() -> int:
     ap.add_argument("--no-310m", action="store_true", help="skip the 310m-shape accuracy check")
     ap.add_argument("--reps", type=int, default=0, help="repetitions per throughput figure (best is kept)")
     ap.add_argument("--rounds", type=int, default=0, help="paired raw/server rounds for (2) (default 3, quick 1)")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out",
+                    help="where the results go (JSON and the table; bench/chart.py draws the JSON)")
     ap.add_argument("--raw-probe", nargs="+", metavar="ARG", help=argparse.SUPPRESS)  # MODEL_DIR N REPS [BS]
     args = ap.parse_args()
     if args.raw_probe:
@@ -381,6 +387,7 @@ def main() -> int:
         return 0
 
     quick, smoke = args.quick or args.smoke, args.smoke
+    run_started = datetime.now(timezone.utc)
     reps = args.reps or (1 if quick else 2)
     rounds = args.rounds or (1 if quick else 3)
     n_short = 64 if smoke else (256 if quick else 512)          # texts for (1)
@@ -644,21 +651,24 @@ def main() -> int:
 
     # the table --------------------------------------------------------------------------------
     from embedapi.backend import cpu_has_native_bf16  # loaded at the top already (not in --raw-probe)
-    print()
-    print(f"embedapi benchmark: {'smoke' if smoke else ('quick' if quick else 'full')} run, "
-          f"embedding model ruri-v3-30m shape{' (smoke: tiny)' if smoke else ''}, 1 worker, "
-          f"{TORCH_THREADS} torch threads, 2 side-by-side passes, {os.cpu_count()} CPUs "
-          f"({'native' if cpu_has_native_bf16() else 'no native'} bfloat16), torch {torch.__version__}, best of {reps}")
+    mode = "smoke" if smoke else ("quick" if quick else "full")
+    header = (f"embedapi benchmark: {mode} run, "
+              f"embedding model ruri-v3-30m shape{' (smoke: tiny)' if smoke else ''}, 1 worker, "
+              f"{TORCH_THREADS} torch threads, 2 side-by-side passes, {os.cpu_count()} CPUs "
+              f"({'native' if cpu_has_native_bf16() else 'no native'} bfloat16), torch {torch.__version__}, "
+              f"best of {reps}")
     head = ("measurement", "raw", "server", "ratio", "target")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(5)]
-    line = "| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |"
-    print(line)
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for r in rows:
-        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
+    lines = [header, "| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+             *("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows),
+             "", *(f"- {n}" for n in [*accuracy, *notes])]
+    table = "\n".join(lines) + "\n"
     print()
-    for n in [*accuracy, *notes]:
-        print(f"- {n}")
+    print(table, end="")
+    saved = save_results(args.out, mode, header, head, rows, [*accuracy, *notes], table, run_started)
+    print(f"results: {saved} (python bench/chart.py {saved} docs/benchmark-throughput.svg draws them)",
+          file=sys.stderr)
     return 0
 
 

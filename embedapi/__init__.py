@@ -27,7 +27,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     settings = Settings.from_env(**dict(config or {}))
     logs.configure(settings.log_format, settings.log_level)
-    app = Flask(__name__)
+    # The app's only static files are Swagger UI's, for /docs (embedapi/api/openapi.py says why).
+    app = Flask(__name__, static_folder=openapi.SWAGGER_UI_DIR, static_url_path=openapi.DOCS_ASSETS_URL)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     metrics = Metrics()
     registry = Registry(settings, observer=metrics)

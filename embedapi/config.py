@@ -145,7 +145,7 @@ def _api_keys(env: Mapping[str, str]) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything the server can be told, with its defaults (README lists each)."""
+    """Everything the server can be told, with its defaults (docs/configuration.md lists each)."""
 
     models: tuple[ModelSpec, ...]
     models_file: str | None = None
@@ -158,6 +158,7 @@ class Settings:
     max_documents: int = 1000
     max_text_chars: int = 200_000
     max_body_bytes: int = 32 * 1024 * 1024
+    max_request_tokens: int = 300_000  # as OpenAI's embeddings API; counted on the ids fed (prefixes included)
     max_batch_tokens: int = 0  # 0 = the device's default (backend: 4096 on CPU, 16384 elsewhere)
     max_batch_size: int = 256
     batch_wait_ms: float = 2.0
@@ -166,6 +167,8 @@ class Settings:
     request_timeout_s: float = 600.0
     torch_threads: int = 0  # 0 = cores / workers
     parallel_batches: int = 0  # 0 = the device's default (backend: 2 on a CPU with 2+ threads, else 1)
+    bulk_lanes: int = 0  # passes bulk requests may hold at once; 0 = all but one (engine.DeviceSlots)
+    busy_wait_ms: float = 200.0  # while bulk work runs, other passes start at most this often (and batch)
     trace: bool = True  # CPU: run each transformer traced to TorchScript (GIL released), if it matches eager
     log_format: str = "text"
     log_level: str = "INFO"
@@ -193,6 +196,7 @@ class Settings:
             max_documents=_env_int(env, "EMBEDAPI_MAX_DOCUMENTS", 1000),
             max_text_chars=_env_int(env, "EMBEDAPI_MAX_TEXT_CHARS", 200_000),
             max_body_bytes=_env_int(env, "EMBEDAPI_MAX_BODY_BYTES", 32 * 1024 * 1024),
+            max_request_tokens=_env_int(env, "EMBEDAPI_MAX_REQUEST_TOKENS", 300_000),
             max_batch_tokens=_env_int(env, "EMBEDAPI_MAX_BATCH_TOKENS", 0),
             max_batch_size=_env_int(env, "EMBEDAPI_MAX_BATCH_SIZE", 256),
             batch_wait_ms=_env_float(env, "EMBEDAPI_BATCH_WAIT_MS", 2.0),
@@ -201,6 +205,8 @@ class Settings:
             request_timeout_s=_env_float(env, "EMBEDAPI_REQUEST_TIMEOUT", 600.0),
             torch_threads=_env_int(env, "EMBEDAPI_TORCH_THREADS", 0),
             parallel_batches=_env_int(env, "EMBEDAPI_PARALLEL_BATCHES", 0),
+            bulk_lanes=_env_int(env, "EMBEDAPI_BULK_LANES", 0),
+            busy_wait_ms=_env_float(env, "EMBEDAPI_BUSY_WAIT_MS", 200.0),
             trace=_env_bool(env, "EMBEDAPI_TRACE", True),
             log_format=log_format,
             log_level=env.get("EMBEDAPI_LOG_LEVEL", "INFO").strip().upper() or "INFO",

@@ -1,20 +1,23 @@
-"""Per-model dynamic batching: request threads submit token ids, inference threads run batches.
+"""Per-model dynamic batching on a device's shared forward lanes, scheduled fairly between requests.
 
-No Flask here. A request thread calls `Engine.submit(seqs)` and waits on the returned `Job`;
-the engine's lane threads coalesce the items of all waiting jobs into length-sorted batches under
-a padded-token budget (longest × count) and hand each job its rows. `DeviceSlots` bounds how many
-forward passes run at once on a device (across its models) and how many CPU threads each may use.
+No Flask here. A request thread calls `Engine.submit(seqs)` and waits on the returned `Job`. Every
+model on a device shares one `DeviceSlots`: its lane threads run one forward pass each at a time and
+take turns between the waiting jobs of all those models by deficit round-robin on padded tokens, so
+a request of a thousand long texts gets about one batch per turn while a one-text query waits for at
+most one batch of it. A batch is still cut from length-sorted items under the token budget and may
+carry several requests' items. Bulk work (a request over one batch's budget) holds at most
+`bulk_lanes` lanes, so on CPU a lane stays free for queries. docs/scheduling.md has the rules.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
 from collections import deque
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -35,6 +38,8 @@ class BatchObserver(Protocol):
 
     def queue_depth(self, model: str, tokens: int) -> None: ...
 
+    def request_queued(self, model: str, seconds: float) -> None: ...
+
 
 class _NullObserver:
     def batch_done(self, *args: object, **kwargs: object) -> None:
@@ -43,39 +48,15 @@ class _NullObserver:
     def queue_depth(self, *args: object, **kwargs: object) -> None:
         pass
 
+    def request_queued(self, *args: object, **kwargs: object) -> None:
+        pass
 
-class DeviceSlots:
-    """Forward passes that may run at once on one device, shared by the engines of its models.
 
-    On CPU, one forward pass of a small batch keeps two threads only partly busy (they meet at a
-    barrier after every op, and Python runs between ops), so under load `lanes` passes run side by
-    side on an equal share of the worker's `threads` each; a pass that starts with nothing else to do
-    gets all of them, so an idle server answers as fast as one pass on every core. `threads` 0 leaves
-    the thread count alone (GPUs).
-    """
-
-    def __init__(self, lanes: int = 1, threads: int = 0) -> None:
-        self.lanes = max(1, lanes)
-        self.threads = max(0, threads)
-        self.share = max(1, self.threads // self.lanes) if self.threads else 0
-        self._running = 0
-        self._cond = threading.Condition()
-
-    @contextmanager
-    def slot(self, alone: bool) -> Iterator[int]:
-        """Wait for a free lane; yield the CPU threads this pass may use (all if `alone` and no other
-        pass runs, else a share; 0 = leave as is)."""
-        with self._cond:
-            while self._running >= self.lanes:
-                self._cond.wait()
-            self._running += 1
-            threads = self.threads if (alone and self._running == 1) else self.share
-        try:
-            yield threads
-        finally:
-            with self._cond:
-                self._running -= 1
-                self._cond.notify()
+@dataclass(eq=False)
+class _Item:
+    job: "Job"
+    index: int
+    ids: Sequence[int]
 
 
 @dataclass(eq=False)
@@ -87,6 +68,12 @@ class Job:
     rows: np.ndarray | None = None
     error: BaseException | None = None
     cancelled: bool = False
+    # scheduling state, owned by the device's lock
+    engine: "Engine | None" = None
+    pending: list[_Item] = field(default_factory=list)  # not yet in a batch, shortest first
+    bulk: bool = False
+    deficit: int = 0
+    first_pass: float | None = None
     _left: int = 0
     _done: threading.Event = field(default_factory=threading.Event)
 
@@ -122,15 +109,170 @@ class Job:
         return self.rows
 
 
-@dataclass(eq=False)
-class _Item:
-    job: Job
-    index: int
-    ids: Sequence[int]
+@dataclass
+class _Pick:
+    engine: "Engine"
+    batch: list[_Item]
+    bulk: bool
+    threads: int
+    first: list[Job]  # jobs whose first pass this is (their queue time is reported)
+
+
+class DeviceSlots:
+    """The forward lanes of one device, shared by the engines of its models.
+
+    `lanes` passes may run at once, each on its own thread; on CPU a pass that starts with nothing
+    else to run gets all of the worker's `threads`, else an equal share (`threads` 0 leaves the
+    count alone, as on GPUs). Jobs of every model take turns in one ring (deficit round-robin, a
+    quantum of one batch budget per turn); a job over one batch budget is bulk and bulk passes hold
+    at most `bulk_lanes` lanes at once (0: all but one lane when there are two or more). While bulk
+    work runs, other passes start at most every `busy_wait_ms` and batch together meanwhile, so a
+    stream of queries costs the bulk work little and each still waits a fraction of a second.
+    """
+
+    def __init__(self, lanes: int = 1, threads: int = 0, bulk_lanes: int = 0, busy_wait_ms: float = 200.0) -> None:
+        self.lanes = max(1, lanes)
+        self.threads = max(0, threads)
+        self.share = max(1, self.threads // self.lanes) if self.threads else 0
+        self.bulk_lanes = min(self.lanes, bulk_lanes) if bulk_lanes > 0 else max(1, self.lanes - 1)
+        self.busy_wait = max(0.0, busy_wait_ms) / 1000.0
+        self._last_beside_bulk = float("-inf")  # when a pass last started beside running bulk work
+        self._cond = threading.Condition()
+        self._ring: deque[Job] = deque()
+        self._engines: list[Engine] = []
+        self._running = 0
+        self._running_bulk = 0
+        self._live = 0
+        self._threads: list[threading.Thread] = []
+
+    # -- engines -----------------------------------------------------------------------
+    def attach(self, engine: "Engine") -> None:
+        with self._cond:
+            self._engines.append(engine)
+            if self._live == 0:  # first engine (or again after all stopped): start the lanes
+                self._live = self.lanes
+                self._threads = [threading.Thread(target=self._lane, name=f"engine:{engine.name}:{i}", daemon=True)
+                                 for i in range(self.lanes)]
+                for thread in self._threads:
+                    thread.start()
+
+    def _detach(self, engine: "Engine") -> list[threading.Thread]:
+        """Lock held. Forget `engine`; the lanes end once no engine is left (returned to join)."""
+        if engine in self._engines:
+            self._engines.remove(engine)
+        self._cond.notify_all()
+        return [] if self._engines else list(self._threads)
+
+    # -- the lanes ---------------------------------------------------------------------
+    def _lane(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    if not self._engines and not self._ring:
+                        self._live -= 1
+                        return
+                    pick = self._pick()
+                    if isinstance(pick, _Pick):
+                        break
+                    self._cond.wait(pick)  # None: until notified; a float: for company
+            now = time.monotonic()
+            for job in pick.first:
+                job.engine.observer.request_queued(job.engine.name, now - job.submitted)  # type: ignore[union-attr]
+            try:
+                pick.engine._run(pick.batch, pick.threads)
+            finally:
+                with self._cond:
+                    self._running -= 1
+                    self._running_bulk -= pick.bulk
+                    pick.engine._running -= 1
+                    self._cond.notify_all()
+
+    def _drop_cancelled(self) -> None:
+        for job in [j for j in self._ring if j.cancelled]:
+            self._ring.remove(job)
+            engine = job.engine
+            assert engine is not None
+            engine._forget(job.pending)
+            job.pending = []
+
+    def _anchor(self, bulk_ok: bool) -> Job | None:
+        """The job whose turn it is (deficit round-robin): the first in the ring with credit left;
+        a job out of credit gets a quantum and, if still out (it rode along in others' batches),
+        goes to the back. Bulk jobs are passed over while the bulk lanes are full."""
+        ring = self._ring
+        i, visits = 0, 0
+        while i < len(ring) and visits <= 2 * len(ring):
+            job = ring[i]
+            if job.bulk and not bulk_ok:
+                i += 1
+                continue
+            if job.deficit <= 0:
+                job.deficit += job.engine.max_batch_tokens  # type: ignore[union-attr]
+                if job.deficit <= 0:
+                    del ring[i]
+                    ring.append(job)
+                    visits += 1
+                    continue
+            return job
+        return None
+
+    def _pick(self) -> _Pick | float | None:
+        """Lock held. The next batch to run; else seconds to wait for company, or None (nothing to do)."""
+        self._drop_cancelled()
+        if self._running >= self.lanes:
+            return None
+        bulk_ok = self._running_bulk < self.bulk_lanes
+        anchor = self._anchor(bulk_ok)
+        if anchor is None:
+            return None
+        engine = anchor.engine
+        assert engine is not None
+        batch = engine._select(anchor, self._ring, bulk_ok)
+        now = time.monotonic()
+        if engine.batching and engine._last_jobs > 1 and not engine._full(batch):
+            left = anchor.submitted + engine.batch_wait - now
+            if left > 0:
+                return left
+        beside_bulk = self._running_bulk > 0 and not any(it.job.bulk for it in batch)
+        if beside_bulk:
+            left = self._last_beside_bulk + self.busy_wait - now
+            if left > 0:
+                return left
+            self._last_beside_bulk = now
+        jobs = engine._take(batch)
+        for job in jobs:
+            if not job.pending and job in self._ring:
+                self._ring.remove(job)
+        if anchor.deficit <= 0 and anchor in self._ring:
+            self._ring.remove(anchor)
+            self._ring.append(anchor)
+        bulk = any(job.bulk for job in jobs)
+        self._running += 1
+        self._running_bulk += bulk
+        engine._running += 1
+        more = self._runnable()
+        if more:
+            self._cond.notify()  # work left for another lane
+        # A lone pass gets every thread; so does a bulk pass while it is the only one (the other lanes
+        # are kept for short passes, which come and go).
+        alone = self._running == 1 and not more
+        threads = self.threads if (alone or (bulk and self._running_bulk == 1 and self.bulk_lanes == 1)) \
+            else self.share
+        first = [job for job in jobs if job.first_pass is None]
+        for job in first:
+            job.first_pass = now
+        return _Pick(engine, batch, bulk, threads, first)
+
+    def _runnable(self) -> bool:
+        """Lock held: could another lane start a pass now?"""
+        if self._running >= self.lanes:
+            return False
+        bulk_ok = self._running_bulk < self.bulk_lanes
+        return any(job.pending and (bulk_ok or not job.bulk) for job in self._ring)
 
 
 class Engine:
-    """A bounded queue and `slots.lanes` inference threads for one model."""
+    """One model's queue on its device's lanes: token budget, bounded queue (429), order of rows."""
 
     def __init__(self, name: str, runner: Runner, *, max_batch_tokens: int = 16384, max_batch_size: int = 256,
                  batch_wait_ms: float = 2.0, max_queue_tokens: int = 1 << 20, batching: bool = True,
@@ -138,7 +280,7 @@ class Engine:
                  set_threads: Callable[[int], None] | None = None) -> None:
         self.name = name
         self.runner = runner
-        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_tokens = max(1, max_batch_tokens)
         self.max_batch_size = max_batch_size
         self.batch_wait = batch_wait_ms / 1000.0
         self.max_queue_tokens = max_queue_tokens
@@ -146,145 +288,143 @@ class Engine:
         self.observer = observer or _NullObserver()
         self.slots = slots or DeviceSlots()  # the registry shares one per device across its models
         self.set_threads = set_threads
-        self._pending: deque[_Item] = deque()
         self._queued_tokens = 0
-        self._cond = threading.Condition()
-        self._fill_lock = threading.Lock()  # a request split over batches gets rows from several lanes
+        self._pending_items = 0
+        self._running = 0
         self._stopping = False
         self._last_jobs = 1
-        self._threads = [threading.Thread(target=self._loop, name=f"engine:{name}:{i}", daemon=True)
-                         for i in range(self.slots.lanes)]
-        for thread in self._threads:
-            thread.start()
+        self._fill_lock = threading.Lock()  # a request split over batches gets rows from several lanes
+        self.slots.attach(self)
 
     # -- request side ------------------------------------------------------------------
     def submit(self, seqs: Sequence[Sequence[int]]) -> Job:
         """Queue one request's sequences; QueueFull (429) at once if the token queue is full."""
         job = Job(size=len(seqs))
         tokens = sum(len(s) for s in seqs)
-        with self._cond:
+        job.engine = self
+        job.pending = sorted((_Item(job, i, s) for i, s in enumerate(seqs)), key=lambda it: len(it.ids))
+        job.bulk = self.batching and tokens > self.max_batch_tokens
+        cond = self.slots._cond
+        with cond:
             if self._stopping:
                 raise QueueFull("the server is shutting down; retry on another instance",
                                 headers={"Retry-After": "1"})
             # A request larger than the whole queue is still taken when nothing else waits.
-            if self._pending and self._queued_tokens + tokens > self.max_queue_tokens:
+            if self._pending_items and self._queued_tokens + tokens > self.max_queue_tokens:
                 raise QueueFull(
                     f"model {self.name} is busy ({self._queued_tokens} tokens queued); retry in a second "
                     "or send smaller requests", headers={"Retry-After": "1"})
-            self._pending.extend(_Item(job, i, s) for i, s in enumerate(seqs))
+            if not job.pending:
+                job._done.set()
+                job.rows = np.empty((0, 0), dtype=np.float32)
+                return job
+            self.slots._ring.append(job)
             self._queued_tokens += tokens
+            self._pending_items += len(job.pending)
             self.observer.queue_depth(self.name, self._queued_tokens)
-            self._cond.notify()
+            cond.notify()
         return job
 
     @property
     def queued_tokens(self) -> int:
         return self._queued_tokens
 
+    @property
+    def pending_items(self) -> int:
+        """Items queued and not yet in a forward pass."""
+        return self._pending_items
+
     def stop(self, drain: bool = True, timeout: float = 30.0) -> None:
-        """Refuse new work; with `drain`, finish what is queued before the thread ends."""
-        with self._cond:
+        """Refuse new work; with `drain`, finish what is queued first. The device's lanes end with
+        its last engine."""
+        slots = self.slots
+        deadline = time.monotonic() + timeout
+        with slots._cond:
             self._stopping = True
             if not drain:
-                for item in self._pending:
-                    item.job._fail(QueueFull("the server is shutting down", headers={"Retry-After": "1"}))
-                self._pending.clear()
-                self._queued_tokens = 0
-            self._cond.notify_all()
-        deadline = time.monotonic() + timeout
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+                for job in [j for j in slots._ring if j.engine is self]:
+                    slots._ring.remove(job)
+                    self._forget(job.pending)
+                    job.pending = []
+                    job._fail(QueueFull("the server is shutting down", headers={"Retry-After": "1"}))
+            slots._cond.notify_all()
+            while (self._pending_items or self._running) and time.monotonic() < deadline:
+                slots._cond.wait(max(0.0, deadline - time.monotonic()))
+            threads = slots._detach(self)
+        for thread in threads:
+            if thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
 
-    # -- engine side -------------------------------------------------------------------
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self._pending and not self._stopping:
-                    self._cond.wait()
-                if not self._pending and self._stopping:
-                    return
-                batch = self._take_batch()
-                alone = not self._pending
-                if not alone:
-                    self._cond.notify()  # work left: wake an idle lane
-            if batch:
-                self._run(batch, alone)
-
-    def _take_batch(self) -> list[_Item]:
-        """Pick the batch holding the oldest live item (lock held).
-
-        When recent batches served several requests (so idle latency is untouched), wait up to
-        `batch_wait` after the oldest item's arrival for company, unless the batch is already full.
-        """
-        self._drop_cancelled()
-        if not self._pending:
-            return []
-        batch = self._select()
-        if self.batching and self._last_jobs > 1:
-            deadline = self._pending[0].job.submitted + self.batch_wait
-            while not self._stopping and not self._full(batch):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._cond.wait(left)
-                self._drop_cancelled()
-                if not self._pending:
-                    return []
-                batch = self._select()
-        chosen = set(map(id, batch))
-        self._pending = deque(it for it in self._pending if id(it) not in chosen)
-        self._queued_tokens -= sum(len(it.ids) for it in batch)
+    # -- batch forming (device lock held) -------------------------------------------------
+    def _forget(self, items: Sequence[_Item]) -> None:
+        self._pending_items -= len(items)
+        self._queued_tokens -= sum(len(it.ids) for it in items)
         self.observer.queue_depth(self.name, self._queued_tokens)
-        return batch
 
     def _full(self, batch: list[_Item]) -> bool:
         padded = len(batch) * max(len(it.ids) for it in batch)
         return len(batch) >= self.max_batch_size or padded >= self.max_batch_tokens // 2
 
-    def _drop_cancelled(self) -> None:
-        if any(it.job.cancelled for it in self._pending):
-            dropped = [it for it in self._pending if it.job.cancelled]
-            self._pending = deque(it for it in self._pending if not it.job.cancelled)
-            self._queued_tokens -= sum(len(it.ids) for it in dropped)
-
-    def _select(self) -> list[_Item]:
-        """Sort candidates by length and cut them greedily into batches under the token budget and a
-        padding-waste bound; return the batch that holds the oldest item (FIFO fairness)."""
-        anchor = self._pending[0]
+    def _select(self, anchor: Job, ring: Sequence[Job], bulk_ok: bool) -> list[_Item]:
+        """The batch around the anchor job's shortest waiting item: candidates of this model (the anchor's
+        first, then the other jobs in turn order) sorted by length and cut greedily under the token
+        budget and a padding-waste bound. Batching off: the anchor's items only, one request per pass."""
+        limit = self.max_batch_size * 8
         if self.batching:
-            candidates = list(self._pending)[: self.max_batch_size * 8]
-        else:  # one request per batch: the seeds' design, kept for comparison
-            candidates = [it for it in self._pending if it.job is anchor.job]
+            candidates: list[_Item] = []
+            for job in itertools.chain((anchor,), (j for j in ring if j is not anchor)):
+                if job.engine is self and (bulk_ok or not job.bulk):
+                    candidates.extend(job.pending[: limit - len(candidates)])
+                    if len(candidates) >= limit:
+                        break
+        else:
+            candidates = list(anchor.pending[:limit])
+        first = anchor.pending[0]
         candidates.sort(key=lambda it: len(it.ids))
         batch: list[_Item] = []
         real = 0
+        has_first = False
         for item in candidates:
             n = len(item.ids)
             padded = (len(batch) + 1) * n
             fits = (len(batch) < self.max_batch_size and padded <= self.max_batch_tokens
                     and padded - (real + n) <= max(0.25 * padded, 256))
             if batch and not fits:
-                if any(it is anchor for it in batch):
+                if has_first:
                     return batch
                 batch, real = [], 0
             batch.append(item)
             real += n
+            has_first = has_first or item is first
         return batch
 
-    def _run(self, batch: list[_Item], alone: bool) -> None:
+    def _take(self, batch: list[_Item]) -> list[Job]:
+        """Take `batch`'s items off their jobs and charge each job its padded tokens; return the jobs."""
+        width = max(len(it.ids) for it in batch)
+        by_job: dict[int, tuple[Job, set[int]]] = {}
+        for item in batch:
+            by_job.setdefault(id(item.job), (item.job, set()))[1].add(id(item))
+        for job, taken in by_job.values():
+            job.pending = [it for it in job.pending if id(it) not in taken]
+            job.deficit -= len(taken) * width
+        self._forget(batch)
+        self._last_jobs = len(by_job)
+        return [job for job, _ in by_job.values()]
+
+    # -- the forward pass (no lock) ------------------------------------------------------
+    def _run(self, batch: list[_Item], threads: int) -> None:
         jobs = {id(it.job): it.job for it in batch}
-        self._last_jobs = len(jobs)
         try:
-            with self.slots.slot(alone) as threads:
-                started = time.monotonic()
-                if threads and self.set_threads is not None:
-                    self.set_threads(threads)
-                rows = self.runner.run([it.ids for it in batch])
+            started = time.monotonic()
+            if threads and self.set_threads is not None:
+                self.set_threads(threads)
+            rows = self.runner.run([it.ids for it in batch])
         except Exception as exc:  # a failed forward fails this batch's requests, not the worker
             log.exception("forward pass failed for model %s (batch of %d)", self.name, len(batch))
             with self._fill_lock:
                 for job in jobs.values():
                     job._fail(exc)
+                    job.cancelled = True  # its items still queued are dropped, not computed for nothing
             return
         finished = time.monotonic()
         with self._fill_lock:
@@ -295,3 +435,4 @@ class Engine:
         lengths = [len(it.ids) for it in batch]
         self.observer.batch_done(self.name, len(batch), len(batch) * max(lengths), sum(lengths),
                                  queue_s, finished - started)
+

@@ -1,9 +1,9 @@
-"""Prometheus metrics: requests, batches, queue, tokens, model loading (README "運用" lists them).
+"""Prometheus metrics: requests, batches, queue, tokens, model loading (docs/operations.md lists them).
 
 Under Gunicorn, `gunicorn.conf.py` sets PROMETHEUS_MULTIPROC_DIR before anything imports
 prometheus_client, so every worker writes its values to files there and one scrape of any worker
 sums them all (`render()` reads the directory). Outside Gunicorn (tests, `flask run`) each app
-keeps its own in-memory registry. The engine calls `batch_done` / `queue_depth` (BatchObserver),
+keeps its own in-memory registry. The engine calls `batch_done` / `queue_depth` / `request_queued` (BatchObserver),
 the registry calls `model_loaded`, the access-log hook calls `request_done`.
 """
 
@@ -44,6 +44,10 @@ class Metrics:
         self.queue_seconds = Histogram("embedapi_queue_seconds",
                                        "Per batch: time its oldest request waited in the model's queue.",
                                        ["model"], buckets=_DURATION_BUCKETS, registry=r)
+        self.request_queue_seconds = Histogram(
+            "embedapi_request_queue_seconds",
+            "Per request: time from its arrival at the model's queue to the start of its first forward pass "
+            "(queries waiting behind bulk work show here).", ["model"], buckets=_DURATION_BUCKETS, registry=r)
         self.inference_seconds = Histogram("embedapi_inference_seconds", "Per batch: forward-pass time.",
                                            ["model"], buckets=_DURATION_BUCKETS, registry=r)
         self.batch_size = Histogram("embedapi_batch_size", "Sequences per forward pass.", ["model"],
@@ -91,6 +95,9 @@ class Metrics:
 
     def queue_depth(self, model: str, tokens: int) -> None:
         self.queue_tokens.labels(model).set(tokens)
+
+    def request_queued(self, model: str, seconds: float) -> None:
+        self.request_queue_seconds.labels(model).observe(max(0.0, seconds))
 
     # -- registry ----------------------------------------------------------------------------
     def model_loaded(self, model: str, kind: str, device: str, seconds: float) -> None:

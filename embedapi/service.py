@@ -43,6 +43,16 @@ def _check_chars(texts: list[str], limit: int, param: str) -> None:
                                  "(the model reads only its first max_tokens tokens anyway)", param=param)
 
 
+def _check_tokens(tokens: int, limit: int, param: str) -> None:
+    """The per-request token limit, on the ids really fed (after truncation, prefixes and special tokens
+    included: the number `usage` reports)."""
+    if limit and tokens > limit:
+        parts = -(-tokens // limit)
+        raise InvalidRequest(f"the request holds {tokens} tokens after truncation; at most {limit} are accepted "
+                             f"per request (EMBEDAPI_MAX_REQUEST_TOKENS): split '{param}' into {parts} or more "
+                             "requests", param=param)
+
+
 def _unit(rows: np.ndarray) -> np.ndarray:
     """Rows scaled to length 1 (as torch's normalize: a zero row stays zero)."""
     norms = np.linalg.norm(rows, axis=1, keepdims=True)
@@ -81,6 +91,7 @@ def embed(registry: Registry, settings: Settings, req: dict[str, Any], gone: Gon
                 f"{encoder.max_seq_length}; shorten it or send \"truncate\": true to cut its tail", param="input")
         seqs.append(seq)
     tokens = sum(len(s) for s in seqs)
+    _check_tokens(tokens, settings.max_request_tokens, "input")
     if req.get("tokens_only"):  # POST /tokenize: exactly what the forward pass would be fed
         return {"model": req["model"], "texts": prefixed, "seqs": seqs, "encoder": encoder, "tokens": tokens}
 
@@ -134,6 +145,7 @@ def rerank(registry: Registry, settings: Settings, req: dict[str, Any], gone: Go
     left = req.get("truncation_direction") == "left"
     seqs = [encoder.pair(query_ids, d[:cap] if cap else d, left=left) for d in doc_ids]
     tokens = sum(len(s) for s in seqs)
+    _check_tokens(tokens, settings.max_request_tokens, "documents")
 
     logits = model.engine.submit(seqs).wait(settings.request_timeout_s, gone)
     scores = logits if req.get("raw_scores") else model.activation(logits)

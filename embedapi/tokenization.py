@@ -9,7 +9,8 @@ from typing import Any, Sequence
 from tokenizers import Tokenizer
 
 # Concurrency comes from the request threads; a tokenizer fanning one request's texts out over every core
-# competes with the forward passes (8 texts took 2x longer while the cores were busy). The environment wins.
+# competes with the forward passes and was slower while they kept the cores busy (docs/benchmarks.md).
+# The environment wins.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 _PROBE_A = "テスト"

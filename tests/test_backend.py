@@ -54,7 +54,7 @@ def test_the_registry_gives_every_model_the_device_slots(models_file):
         assert len(slots) == 1  # one device: its models share the lanes
         engine = models[EMBED].engine
         assert engine.slots.lanes == 3 and engine.slots.threads == 2 and engine.slots.share == 1
-        assert len(engine._threads) == 3
+        assert len(engine.slots._threads) == 3
     finally:
         app.extensions["embedapi"].registry.shutdown()
         torch.set_num_threads(before)
@@ -102,8 +102,10 @@ def test_bfloat16_vectors_with_the_wrapped_activation_are_encodes(model_dirs):
     np.testing.assert_allclose(runner.run(ids), want.float().numpy(), rtol=0, atol=1e-2)
 
 
-@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
-def test_contiguous_input_computes_the_same_activation(dtype, atol):
+# float32: the two GELU kernels round erf a few ulps apart, so the bound is relative (1e-6 is ~8 ulps)
+# as well as absolute; with an absolute 1e-6 alone, random inputs near 4 failed about one run in three.
+@pytest.mark.parametrize("dtype,rtol,atol", [(torch.float32, 1e-6, 1e-6), (torch.bfloat16, 0, 1e-2)])
+def test_contiguous_input_computes_the_same_activation(dtype, rtol, atol):
     seen: list[bool] = []
 
     class Gelu(torch.nn.GELU):
@@ -111,8 +113,9 @@ def test_contiguous_input_computes_the_same_activation(dtype, atol):
             seen.append(x.is_contiguous())
             return super().forward(x)
 
-    half, _gate = torch.randn(7, 33, 2 * 96, dtype=dtype).chunk(2, dim=-1)  # a strided view, as in the MLP
+    gen = torch.Generator().manual_seed(0)
+    half, _gate = torch.randn(7, 33, 2 * 96, dtype=dtype, generator=gen).chunk(2, dim=-1)  # a strided view, as in the MLP
     assert not half.is_contiguous()
     got = backend.ContiguousInput(Gelu())(half)
-    torch.testing.assert_close(got, torch.nn.functional.gelu(half), rtol=0, atol=atol)
+    torch.testing.assert_close(got, torch.nn.functional.gelu(half), rtol=rtol, atol=atol)
     assert seen == [True]

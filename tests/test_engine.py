@@ -304,10 +304,10 @@ def test_concurrent_http_requests_coalesce_in_the_app_engine(app, embed_model, s
         with ThreadPoolExecutor(n) as pool:
             futures = [pool.submit(post, i) for i in range(n)]
             for _ in range(int(BOUND / 0.01)):  # bounded: until every request is queued
-                if len(engine._pending) >= n:
+                if engine.pending_items >= n:
                     break
                 threading.Event().wait(0.01)
-            assert len(engine._pending) == n
+            assert engine.pending_items == n
             spy.release()
             responses = [f.result(BOUND) for f in futures]
         for blocker in blockers:

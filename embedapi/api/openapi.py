@@ -1,4 +1,4 @@
-"""GET /openapi.json (OpenAPI 3.0, generated from the marshmallow schemas) and GET /docs (a Redoc page).
+"""GET /openapi.json (OpenAPI 3.0, generated from the marshmallow schemas) and GET /docs (Swagger UI, served here).
 
 The request schemas in `schemas.py` are what validates requests, so the document cannot drift from
 them: apispec's MarshmallowPlugin converts them, and this module adds only what a schema cannot say
@@ -8,7 +8,10 @@ codes). Every rule in the app's url_map is documented; `OPERATIONS` describes ea
 
 from __future__ import annotations
 
+import base64
 import copy
+import hashlib
+import importlib.resources
 import logging
 import re
 from dataclasses import dataclass, field
@@ -213,7 +216,7 @@ OPERATIONS: dict[str, Operation] = {
         "Prometheus metrics, summed over all Gunicorn workers", "operations",
         content={"text/plain": {"type": "string"}}),
     "openapi.openapi_json": Operation("This document", "operations", content={"application/json": {"type": "object"}}),
-    "openapi.docs": Operation("This document rendered for people (Redoc)", "operations",
+    "openapi.docs": Operation("This document rendered for people (Swagger UI, served from this host)", "operations",
                               content={"text/html": {"type": "string"}}),
 }
 
@@ -418,16 +421,41 @@ def openapi_json() -> Response:
     return json_response(spec_for(current_app._get_current_object()))
 
 
-_DOCS_HTML = """<!doctype html>
+# /docs: Swagger UI from the flask-swagger-ui wheel's dist folder, served by this app (create_app makes it the
+# app's static folder under DOCS_ASSETS_URL), so the page works on hosts with no internet. The page is ours,
+# not the package's template: that one leaves Swagger UI's online validator badge on, an image from
+# validator.swagger.io. The Content-Security-Policy lets the browser load nothing from another origin.
+SWAGGER_UI_DIR = str(importlib.resources.files("flask_swagger_ui") / "dist")
+DOCS_ASSETS_URL = "/docs/assets"
+
+# The model routes first, the probes and documents last (the document lists paths alphabetically).
+_DOCS_SCRIPT = """window.onload = function () {
+  var rank = function (tag) {
+    var i = ["embeddings", "rerank", "models"].indexOf(tag);
+    return i >= 0 ? i : (tag === "operations" ? 99 : 50);
+  };
+  window.ui = SwaggerUIBundle({url: "openapi.json", dom_id: "#swagger-ui", layout: "BaseLayout",
+                               deepLinking: true, validatorUrl: null,
+                               tagsSorter: function (a, b) { return rank(a) - rank(b) || a.localeCompare(b); }});
+};"""
+_DOCS_HTML = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>embedapi API</title>
-<meta name="viewport" content="width=device-width, initial-scale=1"></head>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="stylesheet" href="docs/assets/swagger-ui.css">
+<link rel="icon" type="image/png" href="docs/assets/favicon-32x32.png"></head>
 <body><noscript>The machine-readable document is at <a href="openapi.json">openapi.json</a>.</noscript>
-<redoc spec-url="openapi.json"></redoc>
-<script src="https://cdn.redoc.ly/redoc/v2.1.5/bundles/redoc.standalone.js"></script>
+<div id="swagger-ui"></div>
+<script src="docs/assets/swagger-ui-bundle.js"></script>
+<script>{_DOCS_SCRIPT}</script>
 </body></html>
 """
+_DOCS_CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+             "script-src 'self' 'sha256-" + base64.b64encode(hashlib.sha256(_DOCS_SCRIPT.encode()).digest()).decode()
+             + "'; frame-ancestors 'self'")
 
 
 @bp.get("/docs")
 def docs() -> Response:
-    return Response(_DOCS_HTML, mimetype="text/html")
+    response = Response(_DOCS_HTML, mimetype="text/html")
+    response.headers["Content-Security-Policy"] = _DOCS_CSP
+    return response

@@ -1,9 +1,9 @@
 """Live Gunicorn servers for the real-client suite.
 
 The models are configured under their REAL names (`cl-nagoya/ruri-v3-310m`, `cl-nagoya/ruri-v3-30m`,
-`cl-nagoya/ruri-v3-reranker-310m`), so README examples and client snippets run unchanged, while their
-`source` points at the tiny Ruri-shaped models that tests/conftest.py's `model_dirs` builds. The models
-are loaded by the real loading code; nothing in the request path is replaced.
+`cl-nagoya/ruri-v3-reranker-310m`), so the examples of README.md and docs/clients.md and the client snippets
+run unchanged, while their `source` points at the tiny Ruri-shaped models that tests/conftest.py's
+`model_dirs` builds. The models are loaded by the real loading code; nothing in the request path is replaced.
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
-"""Every curl example in README.md (and its Python SDK example), run as written against the live server.
+"""Every curl and Python example in README.md and docs/clients.md, run as written against the live server.
 
-The examples are read from README.md at test time: fenced ```bash blocks whose command starts with
+The examples are read from those files at test time: fenced ```bash blocks whose command starts with
 `curl`, run by bash with the system curl, with only `http://localhost:8000` replaced by the test
 server's URL and `-w` appended to learn the status (where curl is not installed, the command is parsed
-with shlex and replayed with requests). A README edit that breaks an example fails here.
+with shlex and replayed with requests). Python blocks that name the server's URL run in a subprocess and
+must print the embedding dimension (or, for a rerank example, its top_n). An edit that breaks an example
+fails here.
 """
 
 from __future__ import annotations
@@ -22,14 +24,18 @@ from ..server import ROOT
 from .conftest import EMBED, EMBED_30M, RERANK
 
 README = ROOT / "README.md"
+CLIENTS = ROOT / "docs" / "clients.md"
+DOC_FILES = (README, CLIENTS)
 DOC_URL = "http://localhost:8000"
 
 
-def fenced_blocks(language: str) -> list[str]:
-    return re.findall(rf"^```{language}\n(.*?)^```", README.read_text(encoding="utf-8"), flags=re.S | re.M)
+def fenced_blocks(language: str, files=DOC_FILES) -> list[str]:
+    return [block for file in files
+            for block in re.findall(rf"^```{language}\n(.*?)^```", file.read_text(encoding="utf-8"), flags=re.S | re.M)]
 
 
 CURL_EXAMPLES = [block.strip() for block in fenced_blocks("bash") if block.lstrip().startswith("curl")]
+README_CURL = [block.strip() for block in fenced_blocks("bash", (README,)) if block.lstrip().startswith("curl")]
 
 
 def route(example: str) -> str:
@@ -37,6 +43,8 @@ def route(example: str) -> str:
 
 
 def test_the_readme_has_the_examples_this_file_checks():
+    assert [route(e) for e in README_CURL] == ["/v1/embeddings"]  # the README keeps one curl example
+    assert {"/v1/embeddings", "/v1/rerank", "/v2/rerank", "/v1/models"} <= {route(e) for e in CURL_EXAMPLES}
     assert len(CURL_EXAMPLES) >= 4
     assert {route(e) for e in CURL_EXAMPLES} <= set(SHAPES), "a new README curl example needs a shape check here"
 
@@ -137,7 +145,7 @@ def replay_with_requests(command: str) -> tuple[int, str]:
 def documented_response(example: str) -> str | None:
     """The ```json block that follows a curl example in its section (before the next ```bash block or
     heading), if any."""
-    text = README.read_text(encoding="utf-8")
+    text = next(t for t in (f.read_text(encoding="utf-8") for f in DOC_FILES) if example in t)
     after = text[text.index(example) + len(example):]
     for end in ("```bash", "\n#"):
         after = after.split(end, 1)[0]
@@ -180,13 +188,22 @@ def test_the_requests_replay_matches_curl(live, example):
 PYTHON_EXAMPLES = [block for block in fenced_blocks("python") if DOC_URL in block]
 
 
-@pytest.mark.parametrize("example", PYTHON_EXAMPLES, ids=[f"python-{i}" for i in range(len(PYTHON_EXAMPLES))])
+def example_id(example: str) -> str:
+    imported = re.search(r"^(?:from|import) (\w+)", example, flags=re.M)
+    return f"python-{PYTHON_EXAMPLES.index(example)}-{imported.group(1) if imported else 'plain'}"
+
+
+@pytest.mark.parametrize("example", PYTHON_EXAMPLES, ids=[example_id(e) for e in PYTHON_EXAMPLES])
 def test_python_example(live, example, st_model):
     done = subprocess.run([sys.executable, "-c", example.replace(DOC_URL, live.url)], capture_output=True,
                           text=True, timeout=120, cwd=Path(ROOT))
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == str(st_model.get_embedding_dimension())
+    top_n = re.search(r"\brerank\(.*top_n=(\d+)", example, flags=re.S)
+    want = top_n.group(1) if top_n else str(st_model.get_embedding_dimension())
+    assert done.stdout.strip() == want
 
 
 def test_there_is_a_python_sdk_example():
-    assert PYTHON_EXAMPLES
+    assert [e for e in fenced_blocks("python", (README,)) if DOC_URL in e and "from openai import OpenAI" in e]
+    assert {"openai", "langchain_openai", "llama_index", "cohere"} <= {example_id(e).split("-", 2)[2]
+                                                                    for e in PYTHON_EXAMPLES}
