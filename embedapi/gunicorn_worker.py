@@ -3,7 +3,7 @@
 Stock gthread (Gunicorn 27) waits 5 s for a new connection's first byte and then parks it on the poller, but
 once a byte has come it reads the request line, headers and body in a request thread with no deadline: 64
 connections that send half a request line hold all 64 threads for ever. This worker (gunicorn.conf.py's
-`worker_class`) changes three things:
+`worker_class`) changes four things:
 
 - The request head (line and headers) is collected by the worker's main loop without blocking and handed to a
   request thread only once complete, so a waiting head costs no thread. A head not complete within
@@ -15,6 +15,8 @@ connections that send half a request line hold all 64 threads for ever. This wor
 - The graceful close after a response (FIN, then draining what the client still sends, at most 2 s) waits on
   the poller instead of blocking the main loop, where stock gthread runs it: a client that never closed its
   side stalled every connection of the worker for 2 s each.
+- A request Gunicorn cannot parse (request line, headers, framing) gets Gunicorn's status in the contract's
+  JSON error shape rather than Gunicorn's HTML page.
 
 TLS connections (their handshake runs in the request thread) keep the stock path plus the head deadline.
 docs/security.md describes the settings; a buffering proxy in front is still the recommended deployment.
@@ -23,6 +25,8 @@ docs/security.md describes the settings; a buffering proxy in front is still the
 from __future__ import annotations
 
 import errno
+import html
+import re
 import selectors
 import socket
 import time
@@ -178,6 +182,42 @@ class DeadlineUnreader(SocketUnreader):
         return data
 
 
+class _ErrorCapture:
+    """Stands for the client socket while Gunicorn writes its HTML error page (gunicorn.util.write_error)."""
+
+    def __init__(self, sock: Any) -> None:
+        self.sock, self.data = sock, b""
+
+    def gettimeout(self) -> float | None:
+        return 0.0  # write_nonblock: no blocking-mode dance on the real socket
+
+    def setblocking(self, flag: bool) -> None:
+        pass
+
+    def sendall(self, data: bytes) -> None:
+        self.data += data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+
+def json_error_response(page: bytes) -> bytes:
+    """Gunicorn's HTML error response rewritten as the contract's JSON error (same status, Connection: close)."""
+    head, _, body = page.partition(b"\r\n\r\n")
+    status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+    _, status, reason = (status_line.split(" ", 2) + ["", ""])[:3]
+    found = re.search(rb"</h1>(.*)</body>", body, re.S)
+    detail = " ".join(html.unescape(found.group(1).decode("latin-1")).split()) if found else ""
+    code = int(status) if status.isdigit() else 400
+    message = f"{reason}: {detail}" if detail else reason
+    payload = orjson.dumps({"error": {
+        "message": message + ("; the request could not be parsed as HTTP/1.1" if code < 500 else ""),
+        "type": "invalid_request_error" if code < 500 else "server_error", "param": None,
+        "code": "bad_request" if code < 500 else "internal_error"}})
+    return (f"HTTP/1.1 {code} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n").encode("latin-1") + payload
+
+
 class DeadlineThreadWorker(gthread.ThreadWorker):
     """gthread with read deadlines (module docstring)."""
 
@@ -275,6 +315,17 @@ class DeadlineThreadWorker(gthread.ThreadWorker):
             return super().handle_request(req, conn)
         finally:
             conn.phase, conn.req = None, None
+
+    def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
+        """Gunicorn's answer to a request it could not parse (bad request line, headers, framing), in the
+        contract's JSON error shape instead of its HTML page; status, logging and closing stay Gunicorn's."""
+        capture = _ErrorCapture(client)
+        super().handle_error(req, capture, addr, exc)
+        if capture.data:
+            try:
+                client.sendall(json_error_response(capture.data))
+            except OSError:
+                pass
 
     # -- deadlines and closing, from the main loop -------------------------------------------------
     def murder_pending(self) -> None:
