@@ -47,21 +47,23 @@ def connect(srv: GunicornServer, timeout: float = WAIT) -> socket.socket:
     return socket.create_connection(("127.0.0.1", srv.port), timeout=timeout)
 
 
-def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    """One HTTP/1.1 response (Content-Length framed) from `sock`."""
-    data = b""
+def read_response(sock: socket.socket, buf: bytearray | None = None) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response (Content-Length framed) from `sock`; `buf` keeps bytes of the next one."""
+    data = bytearray() if buf is None else buf
     while b"\r\n\r\n" not in data:
         chunk = sock.recv(65536)
-        assert chunk, f"connection closed without a response: {data!r}"
+        assert chunk, f"connection closed without a response: {bytes(data)!r}"
         data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
+    head, _, rest = bytes(data).partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
-    while len(body) < int(headers.get("content-length", 0)):
+    length = int(headers.get("content-length", 0))
+    while len(rest) < length:
         chunk = sock.recv(65536)
         assert chunk
-        body += chunk
-    return int(lines[0].split()[1]), headers, body
+        rest += chunk
+    data[:] = rest[length:]
+    return int(lines[0].split()[1]), headers, rest[:length]
 
 
 def raw(srv: GunicornServer, request: bytes) -> tuple[int, dict[str, str], bytes]:
@@ -176,6 +178,29 @@ def test_100_slow_header_connections_leave_health_and_embeddings_answering(serve
     finally:
         for sock in slow:
             sock.close()
+
+
+def test_kept_alive_and_pipelined_heads_are_collected_under_the_deadline_too(server):
+    get = b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n"
+    buf = bytearray()
+    with connect(server) as sock:
+        sock.sendall(get)
+        assert read_response(sock, buf)[0] == 200
+        sock.sendall(get + get + b"GET /hea")  # two whole pipelined requests and half of a third
+        assert read_response(sock, buf)[0] == 200 and read_response(sock, buf)[0] == 200
+        status, headers, payload = read_response(sock, buf)
+    assert_error(status, json.loads(payload), 408, code="request_timeout")
+
+
+def test_a_head_too_large_for_the_main_loop_is_read_in_a_thread_under_the_same_deadline(server):
+    """Past 64 KiB a head goes to a request thread (Gunicorn allows ~800 KB): it works, and stalling there 408s."""
+    big = b"GET /health HTTP/1.1\r\nHost: test\r\n" + b"".join(b"X-Pad-%d: %s\r\n" % (i, b"p" * 8000)
+                                                                for i in range(9))
+    assert raw(server, big + b"\r\n")[0] == 200
+    with connect(server) as sock:
+        sock.sendall(big)
+        status, headers, payload = read_response(sock)
+    assert_error(status, json.loads(payload), 408, code="request_timeout")
 
 
 def test_stalled_bodies_get_a_408_and_give_their_threads_back(server):
