@@ -52,6 +52,21 @@ def _check_tokens(tokens: int, limit: int, param: str) -> None:
                              "requests", param=param)
 
 
+def _check_instruction(instruction: str | None, limit: int) -> None:
+    if instruction and len(instruction) > limit:
+        raise InvalidRequest(f"instruction has {len(instruction)} characters; at most {limit} are accepted "
+                             "(it is prepended to every input)", param="instruction")
+
+
+def _check_fed_chars(fed: list[str], texts: list[str], limit: int) -> None:
+    """The character limit holds for what is really fed: each input with its prefix or instruction."""
+    for i, (text, bare) in enumerate(zip(fed, texts)):
+        if len(text) > limit:
+            raise InvalidRequest(f"input[{i}] has {len(text)} characters with its prefix or instruction "
+                                 f"({len(text) - len(bare)} of them); at most {limit} are accepted",
+                                 param="input")
+
+
 def _unit(rows: np.ndarray) -> np.ndarray:
     """Rows scaled to length 1 (as torch's normalize: a zero row stays zero)."""
     norms = np.linalg.norm(rows, axis=1, keepdims=True)
@@ -63,6 +78,7 @@ def embed(registry: Registry, settings: Settings, req: dict[str, Any], gone: Gon
     texts: list[str] = req["input"]
     _check_count(len(texts), settings.max_inputs, "input")
     _check_chars(texts, settings.max_text_chars, "input")
+    _check_instruction(req.get("instruction"), settings.max_instruction_chars)
     entry, model = registry.get(req["model"], "embedding", _loading_wait(settings), gone)
     spec = entry.spec
 
@@ -75,9 +91,11 @@ def embed(registry: Registry, settings: Settings, req: dict[str, Any], gone: Gon
     prefix = choose_prefix(entry.prefixes, spec.instruction_template, input_type=req.get("input_type"),
                            instruction=req.get("instruction"), apply_ruri_prefix=req.get("apply_ruri_prefix", False),
                            input_is_string=req.get("input_is_string", False))
+    fed = [with_prefix(prefix, t) for t in texts]
+    _check_fed_chars(fed, texts, settings.max_text_chars)
     encoder = model.encoder
     seqs = []
-    for i, ids in enumerate(encoder.ids([with_prefix(prefix, t) for t in texts])):
+    for i, ids in enumerate(encoder.iter_ids(fed, gone)):
         seq = encoder.single(ids, truncate=req.get("truncate", True))
         if seq is None:
             raise InvalidRequest(
@@ -117,9 +135,10 @@ def rerank(registry: Registry, settings: Settings, req: dict[str, Any], gone: Go
     entry, model = registry.get(req["model"], "rerank", _loading_wait(settings), gone)
     encoder = model.encoder
 
-    query_ids, *doc_ids = encoder.ids([req["query"], *docs])
+    ids = encoder.iter_ids([req["query"], *docs], gone)  # each document's ids are cut as they come
+    query_ids = next(ids)
     cap = req.get("max_tokens_per_doc")
-    seqs = [encoder.pair(query_ids, d[:cap] if cap else d) for d in doc_ids]
+    seqs = [encoder.pair(query_ids, d[:cap] if cap else d) for d in ids]
     tokens = sum(len(s) for s in seqs)
     _check_tokens(tokens, settings.max_request_tokens, "documents")
 
