@@ -49,7 +49,9 @@ _cores = os.cpu_count() or 1
 bind = f"{os.environ.get('EMBEDAPI_HOST', '0.0.0.0')}:{os.environ.get('APP_PORT', '8000')}"
 # One worker per GPU; on CPU one worker whose request threads feed one batching engine per model.
 workers = int(os.environ.get("EMBEDAPI_WORKERS") or max(_gpus, 1))
-worker_class = "gthread"
+# gthread with read deadlines: a request head is collected by the worker's main loop, not a request thread,
+# and heads and bodies that come too slowly get a 408 (embedapi/gunicorn_worker.py, docs/security.md).
+worker_class = "embedapi.gunicorn_worker.DeadlineThreadWorker"
 threads = int(os.environ.get("EMBEDAPI_THREADS") or 64)
 # Model loading happens in a background thread of the worker, so the worker heartbeats meanwhile;
 # the timeout only has to cover a long forward pass holding the worker's request threads.

@@ -152,6 +152,8 @@ def main() -> int:
     ap.add_argument("--models-dir", default=os.environ.get("EMBEDAPI_BENCH_MODELS",
                                                             str(Path(tempfile.gettempdir()) / "embedapi-bench")))
     ap.add_argument("--only-default", action="store_true", help="skip the EMBEDAPI_BULK_LANES=2 comparison")
+    ap.add_argument("--also", action="append", default=[], metavar="VAR=VALUE[,VAR=VALUE]",
+                    help="another server configuration to measure in the same run (repeatable)")
     ap.add_argument("--bulk-texts", type=int, default=0, help="texts in the bulk request (default 128, quick 48)")
     args = ap.parse_args()
     smoke = args.smoke
@@ -187,6 +189,8 @@ def main() -> int:
     configs = [("default", {})]
     if not args.only_default:
         configs.append(("EMBEDAPI_BULK_LANES=2", {"EMBEDAPI_BULK_LANES": "2"}))
+    for spec in args.also:
+        configs.append((spec, dict(kv.split("=", 1) for kv in spec.split(","))))
     for label, env in configs:
         print(f"{label} ...", file=sys.stderr, flush=True)
         measure(toml, label, env, queries, bulk, bulk_tokens, n_idle, row, mixed, mixed_tokens)

@@ -156,9 +156,14 @@ class Settings:
     load_models: str = "background"  # background | sync | off (gunicorn's post_fork loads)
     max_inputs: int = 2048
     max_documents: int = 1000
-    max_text_chars: int = 200_000
+    max_text_chars: int = 200_000  # per input as fed: its prefix (or instruction) included
+    max_instruction_chars: int = 4096  # the instruction is prepended to every input: bound the copies
     max_body_bytes: int = 32 * 1024 * 1024
     max_request_tokens: int = 300_000  # as OpenAI's embeddings API; counted on the ids fed (prefixes included)
+    # Read deadlines of the Gunicorn worker (embedapi/gunicorn_worker.py; docs/security.md).
+    header_timeout_s: float = 30.0  # request line + headers, from accept (or a kept-alive request's 1st byte)
+    body_timeout_s: float = 30.0  # longest wait for more body bytes, and the rate rule's grace period
+    body_min_rate: int = 32768  # bytes/s a body must average after the grace period (0: no rate rule)
     max_batch_tokens: int = 0  # 0 = the device's default (backend: 4096 on CPU, 16384 elsewhere)
     max_batch_size: int = 256
     batch_wait_ms: float = 2.0
@@ -195,6 +200,10 @@ class Settings:
             max_inputs=_env_int(env, "EMBEDAPI_MAX_INPUTS", 2048),
             max_documents=_env_int(env, "EMBEDAPI_MAX_DOCUMENTS", 1000),
             max_text_chars=_env_int(env, "EMBEDAPI_MAX_TEXT_CHARS", 200_000),
+            max_instruction_chars=_env_int(env, "EMBEDAPI_MAX_INSTRUCTION_CHARS", 4096),
+            header_timeout_s=_env_float(env, "EMBEDAPI_HEADER_TIMEOUT", 30.0),
+            body_timeout_s=_env_float(env, "EMBEDAPI_BODY_TIMEOUT", 30.0),
+            body_min_rate=_env_int(env, "EMBEDAPI_BODY_MIN_RATE", 32768),
             max_body_bytes=_env_int(env, "EMBEDAPI_MAX_BODY_BYTES", 32 * 1024 * 1024),
             max_request_tokens=_env_int(env, "EMBEDAPI_MAX_REQUEST_TOKENS", 300_000),
             max_batch_tokens=_env_int(env, "EMBEDAPI_MAX_BATCH_TOKENS", 0),

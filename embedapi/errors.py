@@ -61,6 +61,13 @@ class MethodNotAllowed(APIError):
     code = "method_not_allowed"
 
 
+class RequestTimeout(APIError):
+    """408: the client sent its request too slowly (the Gunicorn worker's read deadlines)."""
+
+    status = 408
+    code = "request_timeout"
+
+
 class RequestTooLarge(APIError):
     status = 413
     code = "request_too_large"

@@ -4,7 +4,25 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
+
+# Control characters (C0, DEL, C1) and the Unicode line separators: in a text log a client's "\n" in a path
+# would start a forged line of its own and "\x1b[" would drive the operator's terminal, so they are written as
+# escapes. The JSON format escapes them through json.dumps already.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_one(match: re.Match[str]) -> str:
+    char = match.group()
+    return _NAMED.get(char) or (f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
+
+
+def escape_controls(text: str) -> str:
+    """`text` with its control characters written as backslash escapes (one log line stays one line)."""
+    return _CONTROL.sub(_escape_one, text)
+
 
 _FIELDS = ("request_id", "method", "path", "status", "duration_ms", "model", "items", "tokens")
 
@@ -23,9 +41,14 @@ class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
 
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # The message holds what clients send (method, path, model); a traceback appended after it keeps its lines.
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
+
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        extras = " ".join(f"{k}={getattr(record, k)}" for k in _FIELDS[3:]
+        extras = " ".join(f"{k}={escape_controls(str(getattr(record, k)))}" for k in _FIELDS[3:]
                           if getattr(record, k, None) is not None and k not in ("status",))
         rid = getattr(record, "request_id", None)
         return f"{line} {extras} rid={rid}".rstrip() if rid else line

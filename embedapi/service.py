@@ -53,6 +53,21 @@ def _check_tokens(tokens: int, limit: int, param: str) -> None:
                              "requests", param=param)
 
 
+def _check_instruction(instruction: str | None, limit: int) -> None:
+    if instruction and len(instruction) > limit:
+        raise InvalidRequest(f"instruction has {len(instruction)} characters; at most {limit} are accepted "
+                             "(it is prepended to every input)", param="instruction")
+
+
+def _check_fed_chars(fed: list[str], texts: list[str], limit: int) -> None:
+    """The character limit holds for what is really fed: each input with its prefix or instruction."""
+    for i, (text, bare) in enumerate(zip(fed, texts)):
+        if len(text) > limit:
+            raise InvalidRequest(f"input[{i}] has {len(text)} characters with its prefix or instruction "
+                                 f"({len(text) - len(bare)} of them); at most {limit} are accepted",
+                                 param="input")
+
+
 def _unit(rows: np.ndarray) -> np.ndarray:
     """Rows scaled to length 1 (as torch's normalize: a zero row stays zero)."""
     norms = np.linalg.norm(rows, axis=1, keepdims=True)
@@ -64,6 +79,7 @@ def embed(registry: Registry, settings: Settings, req: dict[str, Any], gone: Gon
     texts: list[str] = req["input"]
     _check_count(len(texts), settings.max_inputs, "input")
     _check_chars(texts, settings.max_text_chars, "input")
+    _check_instruction(req.get("instruction"), settings.max_instruction_chars)
     entry, model = registry.get(req["model"], "embedding", _loading_wait(settings), gone)
     spec = entry.spec
 
@@ -76,13 +92,14 @@ def embed(registry: Registry, settings: Settings, req: dict[str, Any], gone: Gon
     prefix = choose_prefix(entry.prefixes, spec.instruction_template, input_type=req.get("input_type"),
                            instruction=req.get("instruction"), apply_ruri_prefix=req.get("apply_ruri_prefix", False),
                            input_is_string=req.get("input_is_string", False))
+    fed = [with_prefix(prefix, t) for t in texts]
+    _check_fed_chars(fed, texts, settings.max_text_chars)
     encoder = model.encoder
     # Dialect options (TEI, Cohere): cut the text's start instead of its tail, keeping the prefix; a per-request cap.
     left = req.get("truncation_direction") == "left"
     head = encoder.ids([prefix])[0] if left and prefix else ()
-    prefixed = [with_prefix(prefix, t) for t in texts]
     seqs = []
-    for i, ids in enumerate(encoder.ids(prefixed)):
+    for i, ids in enumerate(encoder.iter_ids(fed, gone)):
         seq = encoder.single(ids, truncate=req.get("truncate", True), left=left, head=head,
                              max_length=req.get("max_tokens"))
         if seq is None:
@@ -93,7 +110,7 @@ def embed(registry: Registry, settings: Settings, req: dict[str, Any], gone: Gon
     tokens = sum(len(s) for s in seqs)
     _check_tokens(tokens, settings.max_request_tokens, "input")
     if req.get("tokens_only"):  # POST /tokenize: exactly what the forward pass would be fed
-        return {"model": req["model"], "texts": prefixed, "seqs": seqs, "encoder": encoder, "tokens": tokens}
+        return {"model": req["model"], "texts": fed, "seqs": seqs, "encoder": encoder, "tokens": tokens}
 
     rows = model.engine.submit(seqs).wait(settings.request_timeout_s, gone)
     if dims is not None and dims != rows.shape[1]:
@@ -133,17 +150,19 @@ def rerank(registry: Registry, settings: Settings, req: dict[str, Any], gone: Go
     entry, model = registry.get(req["model"], "rerank", _loading_wait(settings), gone)
     encoder = model.encoder
 
-    query_ids, *doc_ids = encoder.ids([req["query"], *docs])
+    ids = encoder.iter_ids([req["query"], *docs], gone)  # each document's ids are cut as they come
+    query_ids = next(ids)
     cap = req.get("max_tokens_per_doc")
-    if req.get("truncate") is False:  # TEI: an over-long pair is a 400 instead of being cut
-        for i, d in enumerate(doc_ids):
-            n = len(query_ids) + len(d[:cap] if cap else d) + encoder.template.pair_overhead
-            if n > encoder.max_seq_length:
-                raise InvalidRequest(f"query + document {i} is {n} tokens long, over the model's "
-                                     f"{encoder.max_seq_length}; shorten it or send \"truncate\": true",
-                                     param="documents")
+    strict = req.get("truncate") is False  # TEI: an over-long pair is a 400 instead of being cut
     left = req.get("truncation_direction") == "left"
-    seqs = [encoder.pair(query_ids, d[:cap] if cap else d, left=left) for d in doc_ids]
+    seqs = []
+    for i, d in enumerate(ids):
+        d = d[:cap] if cap else d
+        n = len(query_ids) + len(d) + encoder.template.pair_overhead
+        if strict and n > encoder.max_seq_length:
+            raise InvalidRequest(f"query + document {i} is {n} tokens long, over the model's "
+                                 f"{encoder.max_seq_length}; shorten it or send \"truncate\": true", param="documents")
+        seqs.append(encoder.pair(query_ids, d, left=left))
     tokens = sum(len(s) for s in seqs)
     _check_tokens(tokens, settings.max_request_tokens, "documents")
 

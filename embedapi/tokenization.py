@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from tokenizers import Tokenizer
+
+from .errors import ClientGone
+
+log = logging.getLogger(__name__)
 
 # Concurrency comes from the request threads; a tokenizer fanning one request's texts out over every core
 # competes with the forward passes and was slower while they kept the cores busy (docs/benchmarks.md).
 # The environment wins.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# `iter_ids` tokenizes a request's texts in pieces of about this many characters (plus one text). A tokenizer
+# call holds ~150-200 bytes of intermediate state per token (tokens, offsets, masks) until it returns, so one
+# call over a 32 MB body peaked at gigabytes; between pieces the caller's client-gone check runs.
+TOKENIZE_CHUNK_CHARS = 131_072
 
 _PROBE_A = "テスト"
 _PROBE_B = "サンプル"
@@ -88,6 +98,28 @@ class TextEncoder:
         if self._backend is not None:
             return [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=False)]
         return self._tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+    def iter_ids(self, texts: Sequence[str], gone: Callable[[], bool] | None = None,
+                 chunk_chars: int = TOKENIZE_CHUNK_CHARS) -> Iterator[list[int]]:
+        """Bare ids of each text in order, tokenized in pieces of ~`chunk_chars` characters.
+
+        The peak memory of a request is then that of one piece, not of the whole request (the caller keeps
+        only the truncated ids), and before each piece `gone()` is asked: a departed client's request stops
+        costing CPU (ClientGone).
+        """
+        total = sum(len(t) for t in texts)
+        start = done = 0
+        while start < len(texts):
+            end, size = start, 0
+            while end < len(texts) and (size < chunk_chars or end == start):
+                size += len(texts[end])
+                end += 1
+            if gone is not None and gone():
+                log.info("client gone: tokenization stopped after %d of %d characters (%d of %d texts)",
+                         done, total, start, len(texts))
+                raise ClientGone()
+            yield from self.ids(texts[start:end])
+            start, done = end, done + size
 
     def single(self, ids: Sequence[int], truncate: bool = True, left: bool = False, head: Sequence[int] = (),
                max_length: int | None = None) -> list[int] | None:

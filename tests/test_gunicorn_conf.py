@@ -99,7 +99,7 @@ def test_more_workers_than_gpus_share_them_round_robin(load_conf):
 
 def test_cpu_workers_split_the_cores_between_torch_threads(load_conf):
     conf = load_conf(gpus=0)
-    assert conf["workers"] == 1 and conf["worker_class"] == "gthread"
+    assert conf["workers"] == 1 and conf["worker_class"] == "embedapi.gunicorn_worker.DeadlineThreadWorker"
     cores = conf["_cores"]
     server = FakeServer(workers=2)
     a, b = server.spawn(conf, 7), server.spawn(conf, 8)

@@ -19,6 +19,13 @@ from ..config import Settings
 from ..errors import InvalidRequest, Unauthorized
 from ..registry import Registry
 
+try:  # what Gunicorn raises from wsgi.input when a chunked body is malformed or ends early
+    from gunicorn.http.errors import NoMoreData, ParseException
+
+    BODY_FRAMING_ERRORS: tuple[type[BaseException], ...] = (ParseException, NoMoreData)
+except ImportError:  # another WSGI server (flask run)
+    BODY_FRAMING_ERRORS = ()
+
 JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
 # request.environ key: the dialect whose error shape this request's errors take ("tei"; absent: the contract's)
 DIALECT = "embedapi.dialect"
@@ -44,18 +51,27 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
 
 def read_json() -> dict[str, Any]:
     """The body as a JSON object, whatever the Content-Type (curl -d sends a form type)."""
-    raw = request.get_data(cache=False)
-    limit = current_app.config.get("MAX_CONTENT_LENGTH")
-    if limit is not None and request.content_length is None and len(raw) >= limit:
-        # A chunked body (no Content-Length) is read only up to the limit, and werkzeug returns that
-        # prefix without complaint: one more byte on the wire means the body was over the limit.
-        if request.environ["wsgi.input"].read(1):
-            raise RequestEntityTooLarge()
+    try:
+        raw = request.get_data(cache=False)
+        limit = current_app.config.get("MAX_CONTENT_LENGTH")
+        if limit is not None and request.content_length is None and len(raw) >= limit:
+            # A chunked body (no Content-Length) is read only up to the limit, and werkzeug returns that
+            # prefix without complaint: one more byte on the wire means the body was over the limit.
+            if request.environ["wsgi.input"].read(1):
+                raise RequestEntityTooLarge()
+    except BODY_FRAMING_ERRORS as exc:
+        raise InvalidRequest(f"the request body is malformed ({type(exc).__name__}): its chunked transfer "
+                             "encoding is broken or it ended early; send a complete body") from None
     if not raw.strip():
         raise InvalidRequest("the request body is empty; send a JSON object")
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            raise InvalidRequest(f"the request body is not valid UTF-8 (byte 0x{raw[bad.start]:02x} at offset "
+                                 f"{bad.start}); send JSON encoded as UTF-8") from None
         raise InvalidRequest(f"the request body is not valid JSON ({exc}); send a UTF-8 JSON object") from None
     if not isinstance(body, dict):
         raise InvalidRequest(f"the request body must be a JSON object, not a JSON {type(body).__name__}")
@@ -95,7 +111,7 @@ def require_api_key() -> None:
             ok |= hmac.compare_digest(token, key.encode())
     if not ok:
         raise Unauthorized("Incorrect or missing API key: send the header 'Authorization: Bearer <key>' "
-                           "with a key configured on this server")
+                           "with a key configured on this server", headers={"WWW-Authenticate": "Bearer"})
 
 
 def client_gone() -> Callable[[], bool] | None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import time
+from typing import Any, Callable
 
 from flask import Flask, Response, current_app, g, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed as WzMethodNotAllowed, NotFound, \
@@ -13,6 +15,11 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed as WzMethodNotAl
 from ..errors import APIError, ClientGone, InvalidRequest, MethodNotAllowed, RequestTooLarge, RouteNotFound, \
     ServerError
 from .common import DIALECT, json_response
+
+# Metric labels come from closed sets: Gunicorn accepts any method token of up to 20 characters, and a series
+# per invented method would let any client, without a key, grow /metrics without bound.
+METRIC_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+OTHER_METHOD = "other"
 
 log = logging.getLogger("embedapi.access")
 error_log = logging.getLogger("embedapi.errors")
@@ -73,7 +80,7 @@ def _finish(response: Response) -> Response:
     if metrics is not None:
         # The URL rule, never the raw path: unknown paths must not create a series each.
         route = req.url_rule.rule if req.url_rule is not None else "<unmatched>"
-        metrics.request_done(route, method, status, seconds)
+        metrics.request_done(route, method if method in METRIC_METHODS else OTHER_METHOD, status, seconds)
     if log.isEnabledFor(logging.INFO):
         path = req.path
         log.info("%s %s %d %.1fms", method, path, status, seconds * 1000,
@@ -83,7 +90,25 @@ def _finish(response: Response) -> Response:
     return response
 
 
+_SLASHES = re.compile("//+")
+
+
+def _merge_slashes(wsgi_app: Callable) -> Callable:
+    """Serve `/v1//embeddings` (a base URL with a trailing slash) as `/v1/embeddings`, in place.
+
+    Werkzeug would answer a 308 whose Location it builds from the client's Host header: a redirect
+    anyone can point at another host, and one that SDKs do not follow for a POST anyway.
+    """
+    def app(environ: dict, start_response: Callable) -> Any:
+        path = environ.get("PATH_INFO", "")
+        if "//" in path:
+            environ["PATH_INFO"] = _SLASHES.sub("/", path)
+        return wsgi_app(environ, start_response)
+    return app
+
+
 def register(app: Flask) -> None:
+    app.wsgi_app = _merge_slashes(app.wsgi_app)  # type: ignore[method-assign]
     app.register_error_handler(APIError, render)
     app.register_error_handler(HTTPException, _http_exception)
     app.register_error_handler(ClientGone, _client_gone)
