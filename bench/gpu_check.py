@@ -128,7 +128,7 @@ def bench_shape(name: str, path: Path, device: str, sizes: dict[str, int]) -> di
         fill = [texts.make(width) for _ in range(max(1, budget // width))]
         seconds, _ = one(fill)
         out[f"a batch at the budget ({len(fill)} x {width} = {budget} tokens)"] = f"{seconds * 1000:.0f} ms"
-        warm = re.search(r"warm-up at (\S+ ?\S*) \(rows x tokens\) fits; peak (\d+) MiB", server.log())
+        warm = re.search(r"warm-up at (.+?) \(rows x tokens\) fits; peak (\d+) MiB", server.log())
         out["warm-up at the worst shapes: peak allocated"] = (f"{warm.group(2)} MiB ({warm.group(1)})" if warm
                                                               else "n/a (CPU warms on one short text)")
         after = gpu_memory_used_mib()

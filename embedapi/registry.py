@@ -75,6 +75,7 @@ class Registry:
         # CUDA context broke. Gunicorn's post_fork sets it to make the worker exit (with a back-off) so the
         # master starts a replacement; without it the process stays and answers 503.
         self.exit_hook: Callable[[str], None] | None = None
+        self.broken = False  # a CUDA error broke this process's context: nothing it loaded can serve
 
     # -- lookup ------------------------------------------------------------------------
     def entry(self, name: str) -> Entry:
@@ -103,7 +104,7 @@ class Registry:
                 raise ClientGone()
             self._settled.wait(min(0.1, max(0.0, deadline - time.monotonic())))
         loaded = self.models.get(entry.spec.id)
-        if loaded is None or self.state == "failed":
+        if loaded is None or self.broken:
             if self.state == "failed":
                 raise ModelNotReady(f"The model {name!r} is not available in this worker (its models failed to load "
                                     "or its GPU failed; the server log says why); retry, another worker may serve it",
@@ -149,7 +150,7 @@ class Registry:
     def _fatal(self, exc: BaseException) -> None:
         """The runner's on_fatal: a non-OOM CUDA error left this process's CUDA context unusable."""
         with self._lock:
-            first = self.state != "failed"
+            first, self.broken = not self.broken, True
             self.state, self.error = "failed", f"CUDA context broken: {type(exc).__name__}: {exc}"
         if first:
             log.critical("%s; every forward pass on this device will fail, this worker stops serving%s",
