@@ -63,8 +63,9 @@ def environment(dry_run: bool) -> list[str]:
     lines = [f"torch {torch.__version__}, CUDA {torch.version.cuda or 'none'}"]
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
+        driver = (sh("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader").splitlines() or ["?"])[0]
         lines.append(f"GPU {props.name}, compute capability {props.major}.{props.minor}, "
-                     f"{props.total_memory / 2**30:.0f} GiB, driver {sh('nvidia-smi', '--query-gpu=driver_version', '--format=csv,noheader').splitlines()[:1] or ['?']}")
+                     f"{props.total_memory / 2**30:.0f} GiB, driver {driver}")
     else:
         lines.append("no CUDA GPU" + (" (dry run: CPU, tiny shapes)" if dry_run else ": the benchmark runs on CPU"))
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
@@ -123,7 +124,8 @@ def bench_shape(name: str, path: Path, device: str, sizes: dict[str, int]) -> di
         seconds, _ = one(bulk)
         out[f"1 request of {len(bulk)} x 300 tokens"] = f"{seconds:.2f} s ({len(bulk) / seconds:,.0f} texts/s)"
         seconds, answer = one([texts.make(sizes["long"])])
-        out[f"one {sizes['long']:,}-token input"] = f"{seconds * 1000:.0f} ms ({answer['usage']['total_tokens']} tokens)"
+        used = answer["usage"]["total_tokens"]
+        out[f"one {sizes['long']:,}-token input"] = f"{seconds * 1000:.0f} ms ({used} tokens)"
         width = 512
         fill = [texts.make(width) for _ in range(max(1, budget // width))]
         seconds, _ = one(fill)

@@ -485,8 +485,9 @@ class GuardedRunner:
             longest = max(len(batch[i]) for i in failed)
             raise BatchOutOfMemory(
                 f"An input of {longest} tokens does not fit in this worker's GPU memory even alone; retry later "
-                f"or send shorter inputs. Operators: lower EMBEDAPI_MAX_BATCH_TOKENS (now {self.budget or 'the default'}) "
-                "or the model's max_seq_length, or give the worker a GPU of its own", rows, failed)
+                "or send shorter inputs. Operators: lower EMBEDAPI_MAX_BATCH_TOKENS "
+                f"(now {self.budget or 'the default'}) or the model's max_seq_length, or give the worker a GPU "
+                "of its own", rows, failed)
         finite = np.isfinite(rows).reshape(len(rows), -1).all(axis=1)
         if not finite.all():
             bad = [i for i, ok in enumerate(finite) if not ok]

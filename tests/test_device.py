@@ -189,7 +189,7 @@ def test_warm_up_at_the_worst_shapes_fails_the_load_naming_the_settings(one_mode
     monkeypatch.setattr(backend, "warms_worst_shapes", lambda device: True)  # as on a GPU
     monkeypatch.setattr(backend, "TorchRunner", _MemoryLimited)
     monkeypatch.setattr(_MemoryLimited, "seen", [])
-    settings = {"models_file": str(one_model_file), "load_models": "off", "max_batch_tokens": 2048,
+    settings = {"models_file": str(one_model_file), "load_models": "off", "max_batch_tokens": 2048, "trace": False,
                 "max_batch_size": 64}
     app = create_app(settings)
     registry = app.extensions["embedapi"].registry

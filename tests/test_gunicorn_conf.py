@@ -149,8 +149,8 @@ def test_gpus_are_found_by_uuid_with_nvidia_smi_when_nothing_says_otherwise(load
     bin_dir.mkdir()
     smi = bin_dir / "nvidia-smi"
     smi.write_text("#!/bin/sh\ncat <<'EOF'\nGPU 0: NVIDIA H200 (UUID: GPU-11111111-aaaa)\n"
-                   "  MIG 1g.18gb     Device  0: (UUID: MIG-22222222-bbbb)\nGPU 1: NVIDIA H200 (UUID: GPU-33333333-cccc)\n"
-                   "EOF\n")
+                   "  MIG 1g.18gb     Device  0: (UUID: MIG-22222222-bbbb)\n"
+                   "GPU 1: NVIDIA H200 (UUID: GPU-33333333-cccc)\nEOF\n")
     smi.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     conf = load_conf(gpus=None)
