@@ -14,6 +14,9 @@ import signal
 from pathlib import Path
 from types import SimpleNamespace
 
+# prometheus_client picks its value class once, at import: import it before a test here sets
+# PROMETHEUS_MULTIPROC_DIR (child_exit imports it), so later tests in this process keep in-memory metrics.
+import prometheus_client  # noqa: F401
 import pytest
 
 CONF = Path(__file__).resolve().parent.parent / "gunicorn.conf.py"
