@@ -9,20 +9,26 @@
 #   PRELOAD_MODELS  space-separated model ids to bake into the image, e.g.
 #                   --build-arg PRELOAD_MODELS="cl-nagoya/ruri-v3-310m cl-nagoya/ruri-v3-reranker-310m"
 #                   (default empty: models are downloaded at start-up into the /cache/huggingface volume).
-#   CUDA_VERSION    tag of the nvidia/cuda runtime base. PyPI's torch wheel brings its own CUDA
-#                   libraries, so this mainly has to be one the host driver supports.
+#   CUDA_VERSION    tag of the nvidia/cuda base: keep it on the CUDA line the torch wheel brings (below).
 #   PIP_VERSION     pip used inside the virtualenv.
 #
-# Torch comes from requirements-gpu.txt: PyPI's Linux x86_64 torch 2.13.0 is the CUDA build (it bundles
-# the CUDA runtime and cuDNN); requirements.txt pins the rest. Not built here (no Docker engine or GPU
-# on the development machines): hadolint checks it in CI.
+# Torch comes from requirements-gpu.txt: PyPI's Linux x86_64 torch 2.13.0 is the CUDA 13.0 build and
+# brings its own CUDA 13.0 libraries (cuda-toolkit 13.0.3, cuDNN 9.20) as pip packages, so the base only
+# needs the `base` flavour (no second copy of cuBLAS/cuDNN). The base's CUDA line matters anyway: its
+# NVIDIA_REQUIRE_CUDA makes the NVIDIA container toolkit refuse a host driver too old for it at `docker
+# run`, with a clear message, instead of torch silently seeing no GPU.
+#
+# Host requirements (docs/gpu.md): NVIDIA driver >= 580.65.06 (CUDA 13.0) and a GPU of compute capability
+# 7.5 or newer (T4, A10/A100, L4/L40S, H100/H200, ...): CUDA 13 no longer builds for Maxwell, Pascal or
+# Volta (V100); for those, build with the PyTorch cu126 wheel and CUDA_VERSION=12.6.3.
+# Not built here (no Docker engine or GPU on the development machines): hadolint checks it in CI.
 
-ARG CUDA_VERSION=12.4.1
+ARG CUDA_VERSION=13.0.2
 
 # ---------------------------------------------------------------------------
-# base: CUDA runtime + the distribution's Python 3.11 (Ubuntu 22.04 universe).
+# base: minimal CUDA base + the distribution's Python 3.11 (Ubuntu 22.04 universe).
 # ---------------------------------------------------------------------------
-FROM nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu22.04 AS base
+FROM nvidia/cuda:${CUDA_VERSION}-base-ubuntu22.04 AS base
 
 ARG DEBIAN_FRONTEND=noninteractive
 RUN apt-get update \
@@ -59,7 +65,14 @@ ENV PATH=/opt/venv/bin:${PATH} \
     MALLOC_ARENA_MAX=2 \
     HF_HOME=/cache/huggingface \
     EMBEDAPI_DEVICE=cuda \
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
     APP_PORT=8000
+
+# EMBEDAPI_DEVICE=cuda: one worker per visible GPU, each restricted to its own (CUDA_VISIBLE_DEVICES). A GPU
+# image that cannot use its GPU fails its workers loudly (each exits with a back-off and /health says 503)
+# rather than serving at CPU speed; set auto to fall back to CPU instead (with a warning in the log).
+# expandable_segments: batches change shape all the time; growing segments instead of fixed blocks keeps the
+# caching allocator from fragmenting into out-of-memory errors with memory still free.
 
 # Non-root user (uid/gid 1000) that owns the model caches; the code stays root-owned (read-only for it).
 RUN groupadd --gid 1000 app \

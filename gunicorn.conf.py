@@ -7,11 +7,18 @@ or holds weights: each worker loads its models in `post_fork`, on its own device
 import glob
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
+from collections import Counter
 
-# The master does not load models; post_fork starts loading in each worker.
-os.environ.setdefault("EMBEDAPI_LOAD_MODELS", "off")
+from embedapi.config import normalize_device  # torch-free: the master never imports torch
+
+# The master never loads models, whatever the environment says (a preloaded app would otherwise load torch
+# and weights before the fork); post_fork loads them in each worker, in the background.
+_LOAD_MODELS_IGNORED = os.environ.get("EMBEDAPI_LOAD_MODELS", "off").strip().lower() not in ("", "off")
+os.environ["EMBEDAPI_LOAD_MODELS"] = "off"
 
 # Prometheus multiprocess mode: prometheus_client picks file-backed values when this variable is set
 # at its import, so it is set here, before the app (preloaded in the master) imports it. Every
@@ -24,26 +31,41 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
 os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
 
 
-def _gpu_count() -> int:
-    """GPUs visible, asked of CUDA_VISIBLE_DEVICES / nvidia-smi so the master never initialises CUDA."""
-    device = os.environ.get("EMBEDAPI_DEVICE", "auto").lower()
-    if device == "cpu" or device == "mps":
-        return 0
-    if device.startswith("cuda:"):
-        return 1
+def _gpu_ids() -> list[str]:
+    """The GPUs the workers share, as CUDA_VISIBLE_DEVICES entries, found without initialising CUDA in the
+    master: EMBEDAPI_DEVICE=cuda:N picks one, cpu/mps none; else CUDA_VISIBLE_DEVICES's entries, else
+    nvidia-smi's GPU UUIDs (unambiguous whatever CUDA_DEVICE_ORDER says)."""
+    device = normalize_device(os.environ.get("EMBEDAPI_DEVICE", "auto"))
+    if device in ("cpu", "mps"):
+        return []
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
-        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
-    if not shutil.which("nvidia-smi"):
-        return 0
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return 0
-    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+        ids = [d.strip() for d in visible.split(",") if d.strip()]
+        ids = ids[: ids.index("-1")] if "-1" in ids else ids  # CUDA ignores the entries after -1
+    elif not shutil.which("nvidia-smi"):
+        ids = []
+    else:
+        try:
+            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            out = ""
+        lines = [line for line in out.splitlines() if line.startswith("GPU ")]
+        ids = [line.rsplit("(UUID: ", 1)[1].rstrip(")").strip() if "(UUID: " in line else str(i)
+               for i, line in enumerate(lines)]
+    if device.startswith("cuda:"):
+        index = int(device.split(":")[1])
+        if index >= len(ids) and ids:
+            raise RuntimeError(f"EMBEDAPI_DEVICE={device}, but only {len(ids)} GPUs are visible")
+        return ids[index: index + 1] if ids else [str(index)]
+    return ids
 
 
-_gpus = _gpu_count()
+def _gpu_count() -> int:
+    return len(_gpu_ids())
+
+
+_gpu_list = _gpu_ids()
+_gpus = len(_gpu_list)
 _cores = os.cpu_count() or 1
 
 bind = f"{os.environ.get('EMBEDAPI_HOST', '0.0.0.0')}:{os.environ.get('APP_PORT', '8000')}"
@@ -82,36 +104,78 @@ def on_exit(server):
         shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
 
 
+EXIT_WINDOW_S = 600  # worker exits on a GPU within this window lengthen a failing worker's back-off
+
+
+def _backoff(recent_exits: int) -> float:
+    """Seconds a worker that cannot serve waits before exiting: 1, 2, 4 ... up to 30 (and well inside the
+    master's heartbeat timeout), so a GPU or configuration that keeps failing is not a tight restart loop."""
+    return float(min(2 ** recent_exits, 30, max(1, timeout // 3)))
+
+
 def pre_fork(server, worker):
-    """In the master: give the new worker the lowest device slot no live worker holds."""
-    used = {getattr(w, "embedapi_slot", None) for w in server.WORKERS.values()}
-    worker.embedapi_slot = next(i for i in range(len(used) + 1) if i not in used)
+    """In the master: give the new worker the GPU with the fewest live workers (old ones of a reload
+    included), and the back-off it waits before exiting should it fail (longer after recent exits there)."""
+    live = list(server.WORKERS.values())
+    used = {getattr(w, "embedapi_slot", None) for w in live}
+    worker.embedapi_slot = next(i for i in range(len(used) + 1) if i not in used)  # a name in logs
+    worker.embedapi_gpu = None
+    if _gpus:
+        per_gpu = Counter(getattr(w, "embedapi_gpu", None) for w in live)
+        worker.embedapi_gpu = min(range(_gpus), key=lambda g: (per_gpu[g], g))
+    now = time.monotonic()
+    exits = getattr(server, "embedapi_exits", {})
+    recent = [t for t in exits.get(worker.embedapi_gpu, []) if now - t < EXIT_WINDOW_S]
+    worker.embedapi_backoff = _backoff(len(recent))
+
+
+def _retire(server, worker, reason: str) -> None:
+    """The registry's exit hook, in the worker: stop accepting now (SIGTERM: Gunicorn's graceful exit),
+    wait the back-off in worker_exit, then exit so the master starts a replacement."""
+    worker.embedapi_exit_delay = worker.embedapi_backoff
+    server.log.error("worker %s cannot serve (%s); exiting in %.0fs so that Gunicorn starts a replacement",
+                     worker.pid, reason, worker.embedapi_backoff)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def post_fork(server, worker):
-    """In the worker: pick its device and thread count, then load the models (in the background)."""
-    device = os.environ.get("EMBEDAPI_DEVICE", "auto")
-    if _gpus and device in ("auto", "cuda"):
-        device = f"cuda:{worker.embedapi_slot % _gpus}"
+    """In the worker, before torch is imported: restrict it to its GPU (CUDA_VISIBLE_DEVICES, so no CUDA
+    context ever opens on another one), pick its thread count, then load the models in the background."""
+    device = normalize_device(os.environ.get("EMBEDAPI_DEVICE", "auto"))
+    where = device
+    if worker.embedapi_gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = _gpu_list[worker.embedapi_gpu]
+        if device != "auto":
+            device = "cuda:0"  # the only device this process sees; auto also resolves to it when CUDA works
+        where = f"GPU {_gpu_list[worker.embedapi_gpu]} ({device}, CUDA_VISIBLE_DEVICES set)"
     threads = int(os.environ.get("EMBEDAPI_TORCH_THREADS") or 0) or max(1, _cores // server.cfg.workers)
-    app = worker.app.wsgi()
-    app.extensions["embedapi"].registry.start_loading(device, threads)
-    server.log.info("worker %s (slot %s): loading models on %s with %d torch threads",
-                    worker.pid, worker.embedapi_slot, device, threads)
+    registry = worker.app.wsgi().extensions["embedapi"].registry
+    registry.exit_hook = lambda reason: _retire(server, worker, reason)
+    registry.start_loading(device, threads)
+    server.log.info("worker %s (slot %s): loading models on %s with %d torch threads%s", worker.pid,
+                    worker.embedapi_slot, where, threads,
+                    "; EMBEDAPI_LOAD_MODELS is ignored under Gunicorn (each worker loads)" if _LOAD_MODELS_IGNORED
+                    else "")
 
 
 def child_exit(server, worker):
-    """In the master, when a worker has exited: its device slot is free again (WORKERS no longer
-    lists it); its live gauges (queue depth, models loaded) leave the metrics, its counters stay."""
+    """In the master, when a worker has exited: its GPU and slot are free again (WORKERS no longer lists it),
+    the exit is remembered for that GPU's back-off; its live gauges (queue depth, models loaded) leave the
+    metrics, its counters stay."""
     from prometheus_client import multiprocess  # the environment variable is set by now
 
+    if not hasattr(server, "embedapi_exits"):
+        server.embedapi_exits = {}
+    server.embedapi_exits.setdefault(getattr(worker, "embedapi_gpu", None), []).append(time.monotonic())
     multiprocess.mark_process_dead(worker.pid)
 
 
 def worker_exit(server, worker):
-    """Finish queued work before the worker process ends (graceful shutdown)."""
+    """Finish queued work before the worker process ends (graceful shutdown); a worker that could not serve
+    then waits its back-off (it accepts nothing meanwhile) before the master may replace it."""
     try:
         app = worker.app.wsgi()
         app.extensions["embedapi"].registry.shutdown(drain=True)
     except Exception:  # never block a worker's exit
         server.log.exception("draining the engines failed")
+    time.sleep(getattr(worker, "embedapi_exit_delay", 0))

@@ -26,7 +26,7 @@ SETTINGS_ENV: dict[str, tuple[str, str]] = {
     "api_keys": ("EMBEDAPI_API_KEYS", "none: no authentication"),
     "host": ("EMBEDAPI_HOST", ""),
     "port": ("APP_PORT", ""),
-    "load_models": ("EMBEDAPI_LOAD_MODELS", "Gunicorn sets off and loads in each worker"),
+    "load_models": ("EMBEDAPI_LOAD_MODELS", "ignored under Gunicorn: each worker loads in post_fork"),
     "max_inputs": ("EMBEDAPI_MAX_INPUTS", ""),
     "max_documents": ("EMBEDAPI_MAX_DOCUMENTS", ""),
     "max_text_chars": ("EMBEDAPI_MAX_TEXT_CHARS", "per input, its prefix or instruction included"),

@@ -1,27 +1,28 @@
-"""The torch side: device and dtype choice, loading, and forward passes on ready token ids.
+"""The torch side: device and dtype choice, loading, warm-up and guarded forward passes on token ids.
 
-Only this module imports torch and sentence-transformers. The forward pass feeds the ids the
-service already made to the model's own modules, so nothing is tokenized twice and the result
-is what `SentenceTransformer.encode` / `CrossEncoder.predict` compute. On CPU the transformer is
-traced to TorchScript at load (checked against the eager model, else left eager), so a pass runs
-without the GIL (see `TorchRunner`).
+Only this module imports torch and sentence-transformers. The forward pass feeds the ids the service
+already made to the model's own modules (nothing is tokenized twice; the result is what
+`SentenceTransformer.encode` / `CrossEncoder.predict` compute). `GuardedRunner` contains GPU faults:
+out-of-memory batches are split, non-finite rows fail their batch, a broken CUDA context is reported.
+Measurements behind the tuning here: docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import ctypes
+import gc
+import importlib.util
 import inspect
 import logging
 import os
+import shutil
 import threading
 import warnings
 from typing import Any, Callable, Mapping, Sequence
 
-# torch's intra-op pool is OpenMP (libgomp), whose idle threads spin after every parallel region. When
-# anything else wants the cores (this worker's request threads, other processes) the spinning threads
-# starve the one that is late: on the shared 2-core test machine a 2-thread forward pass ran 5-10x
-# slower, and the server's throughput under 32 clients was ~4x lower than with PASSIVE (README,
-# Benchmark). libgomp reads this once, when torch loads, hence before the import; the environment wins.
+# libgomp's idle threads spin after every parallel region and starve the request threads sharing the cores
+# (several times slower under load; docs/benchmarks.md). It reads this once, when torch loads: set before the
+# import; the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
@@ -30,13 +31,9 @@ MALLOC_TRIM_THRESHOLD = 512 << 20
 
 
 def tune_malloc(env: Mapping[str, str] = os.environ) -> bool:
-    """Stop glibc from returning a forward pass's freed activations to the OS after every batch.
-
-    By default glibc trims the heap top and re-maps mid-sized blocks, so each batch faults its
-    activation pages in again: with the 30m shape on 2 cores a third of a core went to the kernel
-    and encode ran 1.2-1.5x slower (README, Benchmark). Blocks under 64 MiB now stay in the heap and
-    up to 512 MiB of free heap top stays mapped; bigger blocks (a long input's attention) are still
-    returned at once. Any MALLOC_* / GLIBC_TUNABLES setting in the environment wins; not glibc: no-op.
+    """Keep a forward pass's freed activations mapped (blocks under 64 MiB, 512 MiB of heap top), so each
+    batch does not fault its pages in again (docs/benchmarks.md). MALLOC_* / GLIBC_TUNABLES in the
+    environment win; not glibc: no-op.
     """
     if any(k in env for k in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_",
                               "GLIBC_TUNABLES")):
@@ -54,30 +51,51 @@ tune_malloc()
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from .config import ModelSpec
-from .errors import ConfigError
+from .config import ModelSpec, normalize_device
+from .errors import ConfigError, OutOfMemory
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _gpu_expected(env: Mapping[str, str] = os.environ) -> bool:
+    """Whether this process was meant to have a GPU: one is visible to it, or nvidia-smi is installed."""
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return any(d.strip() and d.strip() != "-1" for d in visible.split(","))
+    return shutil.which("nvidia-smi") is not None
+
+
+def _why_no_cuda() -> str:
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build (install the CUDA wheel: requirements-gpu.txt)"
+    return (f"torch {torch.__version__} is built for CUDA {torch.version.cuda} but cannot use it here "
+            "(no device visible, or an NVIDIA driver older than that CUDA needs; see docs/gpu.md)")
+
+
 def pick_device(requested: str) -> str:
-    """`auto` → cuda, then mps, then cpu; anything else is checked and returned."""
-    requested = requested.strip().lower()
+    """Resolve a normalised EMBEDAPI_DEVICE (config.normalize_device) to the torch device to load on.
+
+    `auto` is cuda:0 (in a Gunicorn worker, the one GPU CUDA_VISIBLE_DEVICES leaves it), then mps, then
+    cpu; when a GPU was expected but torch cannot use CUDA it falls back to CPU with a warning that says
+    why. An explicit cuda device that torch cannot use is a ConfigError.
+    """
+    requested = normalize_device(requested)
     if requested == "auto":
         if torch.cuda.is_available():
-            return "cuda"
+            return "cuda:0"
+        if _gpu_expected():
+            log.warning("EMBEDAPI_DEVICE=auto: a GPU is present but %s; FALLING BACK TO CPU (slow). "
+                        "Set EMBEDAPI_DEVICE=cpu to silence this, or fix the install", _why_no_cuda())
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return "mps"
         return "cpu"
     if requested.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ConfigError(f"EMBEDAPI_DEVICE={requested} but CUDA is not available in this process")
-        return requested
-    if requested in ("cpu", "mps"):
-        return requested
-    raise ConfigError(f"EMBEDAPI_DEVICE must be auto, cpu, cuda, cuda:N or mps, not {requested!r}")
+            raise ConfigError(f"EMBEDAPI_DEVICE={requested}, but {_why_no_cuda()}")
+        return requested if ":" in requested else "cuda:0"
+    return requested
 
 
 def cpu_has_native_bf16() -> bool:
@@ -90,15 +108,46 @@ def cpu_has_native_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+def cuda_capability(device: str) -> tuple[int, int]:
+    """Compute capability of `device` itself (not the current device), without allocating on any GPU."""
+    major, minor = torch.cuda.get_device_capability(torch.device(device))
+    return int(major), int(minor)
+
+
 def pick_dtype(requested: str, device: str) -> torch.dtype:
-    """`auto`: bfloat16 where the hardware runs it natively, float16 on older GPUs, else float32."""
+    """`auto`: bfloat16 on GPUs of compute capability 8.0+ (and ROCm), float16 on older ones (where
+    bfloat16 is only emulated), bfloat16 on CPUs that compute it natively, else float32."""
     if requested != "auto":
         return _DTYPES[requested]
     if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if torch.version.hip:
+            return torch.bfloat16
+        return torch.bfloat16 if cuda_capability(device) >= (8, 0) else torch.float16
     if device == "cpu" and cpu_has_native_bf16():
         return torch.bfloat16
     return torch.float32
+
+
+def pick_attention(device: str, dtype: torch.dtype) -> str:
+    """FlashAttention 2 where it runs (CUDA, capability 8.0+, half precision, `flash_attn` installed: it
+    skips the padding), else PyTorch's scaled-dot-product attention (sentence-transformers' default)."""
+    if device.startswith("cuda") and dtype in (torch.float16, torch.bfloat16) and not torch.version.hip \
+            and cuda_capability(device) >= (8, 0) and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def runtime_summary(device: str) -> str:
+    """One log line: torch and the CUDA it brings, and the device this worker loads on."""
+    text = f"torch {torch.__version__}, CUDA {torch.version.cuda or 'none'}"
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(torch.device(device))
+        cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+        text += (f", cuDNN {cudnn or 'none'}; {device} is {props.name} (compute capability "
+                 f"{props.major}.{props.minor}, {props.total_memory / 2**30:.1f} GiB), "
+                 f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')}, "
+                 f"PYTORCH_CUDA_ALLOC_CONF={os.environ.get('PYTORCH_CUDA_ALLOC_CONF', '(unset)')}")
+    return text
 
 
 CPU_BATCH_TOKENS = 4096
@@ -128,26 +177,44 @@ def use_threads(n: int) -> None:
 
 
 def default_lanes(device: str, threads: int) -> int:
-    """Forward passes side by side: two on a CPU with two threads or more (each on half of them
-    under load; README, Benchmark), one on a GPU or a single-thread CPU worker."""
+    """Forward passes side by side: two on a CPU with two threads or more (each on half of them under load;
+    docs/benchmarks.md), one on a GPU or a single-thread CPU worker."""
     return 2 if device == "cpu" and threads >= 2 else 1
 
 
-def load(spec: ModelSpec, device: str) -> Any:
-    """Load a configured model with sentence-transformers (hub id, offline cache or local directory)."""
+def load(spec: ModelSpec, device: str, dtype: torch.dtype = torch.float32, attention: str = "sdpa") -> Any:
+    """Load a configured model with sentence-transformers (hub id, offline cache or local directory), its
+    weights read directly in `dtype` (no float32 copy first) with the `attention` implementation; if that
+    implementation cannot load, with sdpa (logged)."""
     kwargs: dict[str, Any] = dict(device=device, trust_remote_code=spec.trust_remote_code)
     if spec.revision:
         kwargs["revision"] = spec.revision
     if spec.kind == "embedding":
-        from sentence_transformers import SentenceTransformer
-        model = SentenceTransformer(spec.source, **kwargs)
+        from sentence_transformers import SentenceTransformer as cls
     else:
-        from sentence_transformers import CrossEncoder
-        model = CrossEncoder(spec.source, **kwargs)
+        from sentence_transformers import CrossEncoder as cls
+    try:
+        model = cls(spec.source, model_kwargs={"dtype": dtype, "attn_implementation": attention}, **kwargs)
+    except (ImportError, ValueError) as exc:
+        if attention == "sdpa":
+            raise
+        log.warning("%s: attention %s failed to load (%s); using sdpa", spec.id, attention, exc)
+        model = cls(spec.source, model_kwargs={"dtype": dtype, "attn_implementation": "sdpa"}, **kwargs)
     if spec.max_seq_length:
         model.max_seq_length = spec.max_seq_length
     model.eval()
     return model
+
+
+def attention_of(model: Any) -> str:
+    """The attention implementation the model's transformer really uses (as transformers resolved it)."""
+    hf_model = getattr(model[0], "auto_model", None) or getattr(model[0], "model", None)
+    return str(getattr(getattr(hf_model, "config", None), "_attn_implementation", None) or "unknown")
+
+
+def _dtype_of(model: Any) -> torch.dtype | None:
+    first = next(iter(model.parameters()), None)
+    return first.dtype if first is not None else None
 
 
 def activation(model: Any) -> Callable[[np.ndarray], np.ndarray]:
@@ -173,12 +240,8 @@ _INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 class ContiguousInput(torch.nn.Module):
     """An activation applied to a contiguous copy of its input: the same function, a faster kernel.
 
-    ModernBERT's MLP splits one projection in two (`chunk`) and applies GELU to the first half, a
-    strided view; on CPU torch runs GELU on such a view up to 2x slower than on a contiguous copy (GELU
-    and the gating product at 400 rows x 1024, copy included: bfloat16 864 -> 630 us, float32 840 ->
-    743 us). In the server under 32 clients that was worth +0-18 % in bfloat16 (7 paired runs) and 1-14 %
-    less in float32 (4 paired runs), so runners use it for bfloat16 only (README, Benchmark). The two
-    kernels round erf apart by a few float32 ulps (<= 3e-6 there); bfloat16 vectors came out bit-identical.
+    ModernBERT's MLP applies GELU to a strided half of one projection, which CPU torch runs slower than on
+    a copy; CPU runners use this in bfloat16 only, where it measured faster (docs/benchmarks.md).
     """
 
     def __init__(self, inner: torch.nn.Module) -> None:
@@ -215,17 +278,16 @@ class _Positional(torch.nn.Module):
 class TorchRunner:
     """Pads a batch of id sequences and runs it through a sentence-transformers model.
 
-    With `trace` (CPU), the first module's Hugging Face model is traced to TorchScript and the
-    modules after it (pooling, normalisation) run as they are. Why: an eager forward pass takes and
-    drops the GIL around each of its ~400 ops, and a request thread holding the GIL makes every
-    one of them wait (the convoy effect): two passes side by side beside one busy Python thread
-    fell from 143-161 to 9 texts/s eager, 82-96 traced (README, Benchmark). A traced pass runs
-    in C++ with the GIL released. The traced model is checked against the eager one on padded
-    batches of several lengths; if tracing fails or differs, the model stays eager (logged).
+    With `trace` (CPU), the first module's Hugging Face model is traced to TorchScript (the pooling after it
+    runs as is), so a pass runs in C++ without taking the GIL around each op, which request threads would
+    otherwise hold up (docs/benchmarks.md). The traced model is checked against the eager one; if tracing
+    fails or differs, the model stays eager (logged).
     """
 
     def __init__(self, model: Any, device: str, dtype: torch.dtype, kind: str, trace: bool = False) -> None:
-        self.model = model.to(dtype) if dtype != torch.float32 else model
+        # Loaded in `dtype` already (load()); cast only what is not, so float32 buffers (rotary) stay as
+        # sentence-transformers keeps them with model_kwargs={"dtype": ...}.
+        self.model = model if _dtype_of(model) == dtype else model.to(dtype)
         self.device = torch.device(device)
         self.dtype = dtype
         self.kind = kind
@@ -234,9 +296,8 @@ class TorchRunner:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.token_types = "token_type_ids" in getattr(tokenizer, "model_input_names", ())
         self.max_seq_length = _max_length(model)
-        # The token budget when EMBEDAPI_MAX_BATCH_TOKENS is not set. On CPU, batches past a few thousand
-        # padded tokens only grow the activations out of cache: one request of 300 mixed texts ran 1.3-1.4x
-        # faster at 4096 than at 16384 (README, Benchmark); GPUs want the big batches.
+        # The token budget when EMBEDAPI_MAX_BATCH_TOKENS is not set: CPU batches past a few thousand padded
+        # tokens only grow the activations out of cache (docs/benchmarks.md); GPUs want big batches.
         self.default_batch_tokens = CPU_BATCH_TOKENS if self.device.type == "cpu" else GPU_BATCH_TOKENS
         self._script: Any = None
         self._script_inputs: tuple[str, ...] = ()
@@ -343,3 +404,174 @@ class TorchRunner:
                         diff = (got - want).abs().max().item() if got.shape == want.shape else "shape"
                         return f"batch {rows}x{width}: max difference {diff}"
         return ""
+
+
+# -- faults ------------------------------------------------------------------------------------
+_FATAL_MARKS = ("CUDA error", "CUBLAS_STATUS_EXECUTION_FAILED", "CUBLAS_STATUS_INTERNAL_ERROR", "CUDNN_STATUS_",
+                "device-side assert", "illegal memory access", "unspecified launch failure")
+
+
+def is_oom(exc: BaseException) -> bool:
+    """A CUDA (or other accelerator) allocation failure: recoverable by freeing memory and doing less."""
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and ("CUBLAS_STATUS_ALLOC_FAILED" in str(exc) or "out of memory" in str(exc)))
+
+
+def is_fatal(exc: BaseException) -> bool:
+    """A CUDA error other than out-of-memory: the process's CUDA context is unusable from now on."""
+    if is_oom(exc):
+        return False
+    return isinstance(exc, torch.AcceleratorError) or (
+        isinstance(exc, RuntimeError) and any(mark in str(exc) for mark in _FATAL_MARKS))
+
+
+def release_memory() -> None:
+    """Return the failed pass's cached blocks to the GPU (after its tensors are unreferenced)."""
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+class NonFiniteOutput(RuntimeError):
+    """A forward pass produced NaN or infinite values; its batch fails instead of sending `null` rows."""
+
+
+class BatchOutOfMemory(OutOfMemory):
+    """Some items of a batch did not fit even alone; `rows` holds every row that was computed (the failed
+    ones NaN) and `failed` their indices, so an engine can fail just those requests."""
+
+    def __init__(self, message: str, rows: np.ndarray, failed: list[int]) -> None:
+        super().__init__(message, headers={"Retry-After": "5"})
+        self.rows, self.failed = rows, failed
+
+
+class GuardedRunner:
+    """Wraps a runner (the engine's `run(batch) -> rows`) so GPU faults stay contained.
+
+    - Out of memory: the cache is released and the batch is split in halves, recursively, so the rest of
+      the batch is computed and only an item that cannot fit alone fails (BatchOutOfMemory, a 503 naming
+      EMBEDAPI_MAX_BATCH_TOKENS).
+    - A non-OOM CUDA error (a broken context) calls `on_fatal(exc)` (the registry makes the worker exit so
+      Gunicorn replaces it) and is re-raised.
+    - Rows that are not finite raise NonFiniteOutput: the batch fails (500) rather than answer `null`.
+    """
+
+    def __init__(self, inner: Any, on_fatal: Callable[[BaseException], None] | None = None,
+                 release: Callable[[], None] = release_memory, budget: int | None = None) -> None:
+        self.inner = inner
+        self.on_fatal = on_fatal
+        self.release = release
+        self.budget = budget  # EMBEDAPI_MAX_BATCH_TOKENS in effect, for the messages
+        self.splits = 0  # batches split after an out-of-memory error (for logs and tests)
+
+    def __getattr__(self, name: str) -> Any:  # max_seq_length, traced, model, ... of the wrapped runner
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def run(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
+        pieces: list[tuple[int, np.ndarray | None]] = []  # (offset, rows); None: an item that failed alone
+        self._run(list(batch), 0, pieces)
+        done = [r for _, r in pieces if r is not None]
+        if len(pieces) == 1 and done:
+            rows = done[0]
+        else:
+            rows = np.full((len(batch), *(done[0].shape[1:] if done else ())), np.nan, dtype=np.float32)
+            for offset, part in pieces:
+                if part is not None:
+                    rows[offset: offset + len(part)] = part
+        failed = [offset for offset, part in pieces if part is None]
+        if failed:
+            longest = max(len(batch[i]) for i in failed)
+            raise BatchOutOfMemory(
+                f"An input of {longest} tokens does not fit in this worker's GPU memory even alone; retry later "
+                "or send shorter inputs. Operators: lower EMBEDAPI_MAX_BATCH_TOKENS "
+                f"(now {self.budget or 'the default'}) or the model's max_seq_length, or give the worker a GPU "
+                "of its own", rows, failed)
+        finite = np.isfinite(rows).reshape(len(rows), -1).all(axis=1)
+        if not finite.all():
+            bad = [i for i, ok in enumerate(finite) if not ok]
+            raise NonFiniteOutput(f"{len(bad)} of {len(batch)} output rows are not finite (rows {bad[:8]}, "
+                                  f"lengths {[len(batch[i]) for i in bad[:8]]}); float16 overflows on some inputs: "
+                                  "set dtype = \"bfloat16\" or \"float32\" for this model")
+        return rows
+
+    def _run(self, batch: list[Sequence[int]], offset: int, pieces: list[tuple[int, np.ndarray | None]]) -> None:
+        oom = None
+        try:
+            pieces.append((offset, self.inner.run(batch)))
+            return
+        except Exception as exc:  # classified below; anything else propagates unchanged
+            if not is_oom(exc):
+                if is_fatal(exc) and self.on_fatal is not None:
+                    self.on_fatal(exc)
+                raise
+            oom = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        # Outside the except block, so the failed pass's frames (and their tensors) are gone.
+        self.release()
+        width = max(len(s) for s in batch)
+        if len(batch) == 1:
+            log.error("out of memory on one input of %d tokens alone (%s)", width, oom)
+            pieces.append((offset, None))
+            return
+        self.splits += 1
+        log.warning("out of memory on a batch of %d x %d tokens (%s); cache released, retrying it as two halves",
+                    len(batch), width, oom)
+        mid = len(batch) // 2
+        self._run(batch[:mid], offset, pieces)
+        self._run(batch[mid:], offset + mid, pieces)
+
+
+# -- warm-up -------------------------------------------------------------------------------------
+def warm_shapes(budget: int, max_batch_size: int, max_seq_length: int) -> list[tuple[int, int]]:
+    """(rows, width) of the most demanding batches the engine can form under the token budget: the longest
+    input alone, the widest batch at the budget, and the most rows at the budget; largest first."""
+    budget, max_batch_size = max(1, budget), max(1, max_batch_size)
+    longest = (1, max_seq_length)
+    width = min(max_seq_length, budget)
+    at_budget = (max(1, min(max_batch_size, budget // width)), width)
+    short = max(1, min(max_seq_length, budget // max_batch_size))
+    many = (max(1, min(max_batch_size, budget // short)), short)
+    shapes = {longest, at_budget, many}
+    kept = [s for s in shapes if not any(o != s and o[0] >= s[0] and o[1] >= s[1] for o in shapes)]
+    return sorted(kept, key=lambda s: (-(s[0] * s[1]), -s[1]))
+
+
+def warms_worst_shapes(device: str) -> bool:
+    """Worst-shape warm-up runs on accelerators, whose memory is small and whose OOM is recoverable;
+    a CPU's memory is the host's (and its passes are slow), so CPU workers warm up on one short text."""
+    return torch.device(device).type != "cpu"
+
+
+def warm_up(runner: Any, sample: Sequence[int], shapes: Sequence[tuple[int, int]], model_id: str,
+            budget: int) -> None:
+    """Run `runner` once per (rows, width) on ids tiled from `sample`; ConfigError naming the settings to
+    lower when one does not fit. Logs the peak GPU memory it took."""
+    device = getattr(runner, "device", None)
+    cuda = isinstance(device, torch.device) and device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    for rows, width in shapes:
+        seq = [int(sample[i % len(sample)]) for i in range(width)]
+        failure = None
+        try:
+            runner.run([seq] * rows)
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            failure = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        if failure is not None:
+            release_memory()
+            free = ""
+            if cuda:
+                free_b, total_b = torch.cuda.mem_get_info(device)
+                free = f" ({free_b / 2**20:.0f} of {total_b / 2**20:.0f} MiB free after the failure)"
+            raise ConfigError(
+                f"{model_id}: warm-up batch of {rows} x {width} tokens does not fit in memory{free}: {failure}. "
+                f"Lower EMBEDAPI_MAX_BATCH_TOKENS (now {budget}), EMBEDAPI_MAX_BATCH_SIZE or the model's "
+                "max_seq_length, load fewer models per GPU, or use a larger GPU")
+    if cuda:
+        peak = torch.cuda.max_memory_allocated(device)
+        total = torch.cuda.get_device_properties(device).total_memory
+        log.info("%s: warm-up at %s (rows x tokens) fits; peak %.0f MiB allocated of %.0f MiB",
+                 model_id, ", ".join(f"{r}x{w}" for r, w in shapes), peak / 2**20, total / 2**20)

@@ -101,6 +101,17 @@ def load_model_specs(path: str | os.PathLike[str] | None) -> tuple[ModelSpec, ..
     return specs
 
 
+def normalize_device(raw: str, name: str = "EMBEDAPI_DEVICE") -> str:
+    """The one spelling of a device setting: auto, cpu, mps, cuda or cuda:N (case and spaces ignored)."""
+    device = (raw or "").strip().lower() or "auto"
+    if device in ("auto", "cpu", "mps", "cuda"):
+        return device
+    index = device.removeprefix("cuda:")
+    if device.startswith("cuda:") and index.isdigit():
+        return f"cuda:{int(index)}"
+    raise ConfigError(f"{name} must be auto, cpu, cuda, cuda:N or mps, not {raw!r}")
+
+
 def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
     raw = env.get(name, "").strip()
     if not raw:
@@ -192,7 +203,7 @@ class Settings:
         values: dict[str, Any] = dict(
             models=load_model_specs(models_file),
             models_file=models_file,
-            device=env.get("EMBEDAPI_DEVICE", "auto").strip() or "auto",
+            device=normalize_device(env.get("EMBEDAPI_DEVICE", "auto")),
             api_keys=_api_keys(env),
             port=_env_int(env, "APP_PORT", 8000),
             host=env.get("EMBEDAPI_HOST", "0.0.0.0").strip() or "0.0.0.0",
@@ -221,6 +232,7 @@ class Settings:
             log_level=env.get("EMBEDAPI_LOG_LEVEL", "INFO").strip().upper() or "INFO",
         )
         values.update(overrides)
+        values["device"] = normalize_device(values["device"])
         if isinstance(values.get("api_keys"), str):
             values["api_keys"] = tuple(k.strip() for k in values["api_keys"].split(",") if k.strip())
         return cls(**values)

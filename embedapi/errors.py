@@ -85,6 +85,14 @@ class ModelNotReady(APIError):
     code = "model_not_ready"
 
 
+class OutOfMemory(APIError):
+    """503: an input needs more GPU memory than the worker has, even in a batch of its own."""
+
+    status = 503
+    type = "server_error"
+    code = "out_of_memory"
+
+
 class ServerError(APIError):
     status = 500
     type = "server_error"

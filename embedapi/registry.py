@@ -34,6 +34,7 @@ class LoadedModel:
     dtype: str
     load_seconds: float
     activation: Callable[[np.ndarray], np.ndarray]
+    attention: str = "unknown"
     quantizer: Quantizer | None = None  # embedding models: the fixed int8/uint8 step (quantize.py)
 
 
@@ -72,6 +73,11 @@ class Registry:
         self._lock = threading.Lock()
         self._settled = threading.Event()  # set once loading has ended, ready or failed
         self._slots: DeviceSlots | None = None
+        # Called (with the reason) when this process can no longer serve: its models failed to load, or its
+        # CUDA context broke. Gunicorn's post_fork sets it to make the worker exit (with a back-off) so the
+        # master starts a replacement; without it the process stays and answers 503.
+        self.exit_hook: Callable[[str], None] | None = None
+        self.broken = False  # a CUDA error broke this process's context: nothing it loaded can serve
 
     # -- lookup ------------------------------------------------------------------------
     def entry(self, name: str) -> Entry:
@@ -100,10 +106,11 @@ class Registry:
                 raise ClientGone()
             self._settled.wait(min(0.1, max(0.0, deadline - time.monotonic())))
         loaded = self.models.get(entry.spec.id)
-        if loaded is None:
+        if loaded is None or self.broken:
             if self.state == "failed":
-                raise ModelNotReady(f"The model {name!r} could not be loaded in this worker; the server log says "
-                                    "why (the operator must fix the configuration and restart)")
+                raise ModelNotReady(f"The model {name!r} is not available in this worker (its models failed to load "
+                                    "or its GPU failed; the server log says why); retry, another worker may serve it",
+                                    headers={"Retry-After": "5"})
             raise ModelNotReady(f"The model {name!r} is not loaded in this worker yet; retry shortly",
                                 headers={"Retry-After": "5"})
         return entry, loaded
@@ -134,7 +141,23 @@ class Registry:
         try:
             self._load(device, threads)
         except Exception:
-            log.exception("loading models failed; this worker will answer 503")
+            log.exception("loading models failed; this worker answers 503%s",
+                          "" if self.exit_hook is None else " and exits, so that Gunicorn starts a replacement")
+            self._exit(f"models failed to load ({self.error})")
+
+    def _exit(self, reason: str) -> None:
+        if self.exit_hook is not None:
+            self.exit_hook(reason)
+
+    def _fatal(self, exc: BaseException) -> None:
+        """The runner's on_fatal: a non-OOM CUDA error left this process's CUDA context unusable."""
+        with self._lock:
+            first, self.broken = not self.broken, True
+            self.state, self.error = "failed", f"CUDA context broken: {type(exc).__name__}: {exc}"
+        if first:
+            log.critical("%s; every forward pass on this device will fail, this worker stops serving%s",
+                         self.error, "" if self.exit_hook is None else " and exits so Gunicorn replaces it")
+            self._exit(self.error)
 
     def load_all(self, device: str | None = None, threads: int = 0) -> None:
         """Load and warm every configured model on `device` (default: EMBEDAPI_DEVICE) with `threads`
@@ -152,6 +175,7 @@ class Registry:
             from . import backend  # torch is imported only once models are really loaded
 
             self.device = backend.pick_device(device or self.settings.device)
+            log.info("%s", backend.runtime_summary(self.device))
             in_effect = backend.set_threads(threads or self.settings.torch_threads)
             # Batching off (the seeds' design, for comparison): one pass at a time across all models.
             lanes = (self.settings.parallel_batches or backend.default_lanes(self.device, in_effect)
@@ -171,31 +195,36 @@ class Registry:
     def _load_one(self, backend: Any, spec: ModelSpec, device: str) -> LoadedModel:
         started = time.monotonic()
         log.info("loading %s model %s from %s on %s", spec.kind, spec.id, spec.source, device)
-        model = backend.load(spec, device)
-        dtype = backend.pick_dtype(spec.dtype, device)
+        dtype = backend.pick_dtype(spec.dtype, device)  # from this device's own capability, before loading
+        model = backend.load(spec, device, dtype, backend.pick_attention(device, dtype))
+        attention = backend.attention_of(model)
         runner = backend.TorchRunner(model, device, dtype, spec.kind, trace=self.settings.trace)
         encoder = TextEncoder(model.tokenizer, runner.max_seq_length)
         s = self.settings
-        engine = Engine(spec.id, runner, max_batch_tokens=s.max_batch_tokens or runner.default_batch_tokens,
+        budget = s.max_batch_tokens or runner.default_batch_tokens
+        sample = (encoder.single(encoder.ids([_WARMUP_TEXT])[0]) if spec.kind == "embedding"
+                  else encoder.pair(*encoder.ids([_WARMUP_TEXT, _WARMUP_TEXT])))
+        if backend.warms_worst_shapes(device):
+            backend.warm_up(runner, sample, backend.warm_shapes(budget, s.max_batch_size, encoder.max_seq_length),
+                            spec.id, budget)
+        guarded = backend.GuardedRunner(runner, on_fatal=self._fatal, budget=budget)
+        engine = Engine(spec.id, guarded, max_batch_tokens=budget,
                         max_batch_size=s.max_batch_size, batch_wait_ms=s.batch_wait_ms,
                         max_queue_tokens=s.max_queue_tokens, batching=s.batching, observer=self.observer,
                         slots=self._slots, set_threads=backend.use_threads)
-        dims, quantizer = None, None
-        if spec.kind == "embedding":
-            warm = encoder.single(encoder.ids([_WARMUP_TEXT])[0])
-            dims = int(engine.submit([warm]).wait(600).shape[1])
-            quantizer = Quantizer.measure(lambda texts: engine.submit([encoder.single(i) for i in encoder.ids(texts)])
-                                          .wait(600), resolve_prompts(spec.id, spec.prompts)[1].values())
-        else:
-            q, d = encoder.ids([_WARMUP_TEXT, _WARMUP_TEXT])
-            engine.submit([encoder.pair(q, d)]).wait(600)
+        rows = engine.submit([sample]).wait(600)  # the real path once, which also tells the dimensions
+        dims = int(rows.shape[1]) if spec.kind == "embedding" else None
+        quantizer = None if spec.kind != "embedding" else Quantizer.measure(
+            lambda texts: engine.submit([encoder.single(i) for i in encoder.ids(texts)]).wait(600),
+            resolve_prompts(spec.id, spec.prompts)[1].values())
         seconds = time.monotonic() - started
-        log.info("loaded %s in %.1fs (dtype %s, max_seq_length %d, %s)", spec.id, seconds,
-                 backend.dtype_name(dtype), encoder.max_seq_length, "traced" if runner.traced else "eager")
+        log.info("loaded %s in %.1fs (dtype %s, attention %s, max_seq_length %d, batch budget %d tokens, %s)",
+                 spec.id, seconds, backend.dtype_name(dtype), attention, encoder.max_seq_length, budget,
+                 "traced" if runner.traced else "eager")
         if self.observer is not None:
             self.observer.model_loaded(spec.id, spec.kind, device, seconds)
         return LoadedModel(spec, encoder, engine, dims, device, backend.dtype_name(dtype), seconds,
-                           backend.activation(model), quantizer)
+                           backend.activation(model), attention, quantizer)
 
     def shutdown(self, drain: bool = True) -> None:
         """Stop every engine; with `drain`, queued work is finished first."""
@@ -220,5 +249,6 @@ class Registry:
                 "ready": loaded is not None,
                 "device": loaded.device if loaded else None,
                 "dtype": loaded.dtype if loaded else None,
+                "attention": loaded.attention if loaded else None,
             })
         return out

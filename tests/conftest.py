@@ -24,6 +24,19 @@ EMBED_ALIAS = "text-embedding-3-small"
 SHORT_MAX = 16
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` skip cleanly where torch has no CUDA device."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        why = f"needs a CUDA GPU (torch {torch.__version__}, CUDA {torch.version.cuda or 'none'}: none usable here)"
+        for item in gpu_items:
+            item.add_marker(pytest.mark.skip(reason=why))
+
+
 def models_toml(dirs: dict[str, Path]) -> str:
     return f"""
 [[models]]

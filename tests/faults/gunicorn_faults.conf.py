@@ -6,6 +6,8 @@ Every setting and hook of the real config applies unchanged; `post_fork` additio
 that waits for this worker's models and wraps each engine's runner (the real forward pass still runs):
 
 - a batch holding a text that contains ``FAULT_RAISE`` raises instead of computing;
+- a batch holding a text that contains ``FAULT_CUDA`` raises the error a broken CUDA context gives
+  (``torch.AcceleratorError``); the wrapper sits inside the backend's GuardedRunner, as a real one would;
 - a batch holding a text that contains ``FAULT_SLOW`` holds the engine before computing: until the file
   ``EMBEDAPI_FAULT_RELEASE_FILE`` exists when that is set (a test releases it when it has seen what it
   wanted), at most ``EMBEDAPI_FAULT_SLOW_SECONDS`` (default 3; the bound when waiting for the file).
@@ -30,6 +32,7 @@ _log = logging.getLogger("embedapi.faults")
 
 RAISE_MARK = "FAULT_RAISE"
 SLOW_MARK = "FAULT_SLOW"
+CUDA_MARK = "FAULT_CUDA"
 
 
 class FaultyRunner:
@@ -48,11 +51,16 @@ class FaultyRunner:
     def run(self, batch):
         texts = [self.tokenizer.decode(list(seq), skip_special_tokens=True) for seq in batch]
         joined = "\n".join(texts)
-        outcome = "raise" if RAISE_MARK in joined else "slow" if SLOW_MARK in joined else "ok"
+        outcome = ("raise" if RAISE_MARK in joined else "cuda" if CUDA_MARK in joined
+                   else "slow" if SLOW_MARK in joined else "ok")
         _log.warning("FAULTS batch pid=%d model=%s outcome=%s texts=%s", os.getpid(), self.model_id, outcome,
                      json.dumps(texts, ensure_ascii=True))
         if outcome == "raise":
             raise RuntimeError("injected fault: forward pass failed (/secret/path/model.safetensors)")
+        if outcome == "cuda":
+            import torch
+
+            raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered (injected fault)")
         if outcome == "slow":
             until = time.monotonic() + self.slow_seconds
             while time.monotonic() < until and not (self.release_file and os.path.exists(self.release_file)):
@@ -68,9 +76,10 @@ def _arm(registry, slow_seconds, release_file):
             return
         time.sleep(0.05)
     for model_id, loaded in registry.models.items():
-        real = loaded.engine.runner
+        guard = loaded.engine.runner  # the backend's GuardedRunner: the fault goes inside it, as a GPU's would
+        real = guard.inner
         tokenizer = getattr(getattr(real, "model", None), "tokenizer", None) or loaded.encoder._tokenizer
-        loaded.engine.runner = FaultyRunner(real, model_id, tokenizer, slow_seconds, release_file)
+        guard.inner = FaultyRunner(real, model_id, tokenizer, slow_seconds, release_file)
     _log.warning("FAULTS armed pid=%d", os.getpid())
 
 
