@@ -420,11 +420,20 @@ class Engine:
                 self.set_threads(threads)
             rows = self.runner.run([it.ids for it in batch])
         except Exception as exc:  # a failed forward fails this batch's requests, not the worker
-            log.exception("forward pass failed for model %s (batch of %d)", self.name, len(batch))
+            # A runner that computed part of the batch (backend.BatchOutOfMemory: items that cannot fit
+            # even alone) says which rows failed: only their requests fail, the others get their rows.
+            failed, partial = getattr(exc, "failed", None), getattr(exc, "rows", None)
+            bad = {id(batch[i].job) for i in failed} if failed is not None and partial is not None else set(jobs)
+            log.exception("forward pass failed for model %s (batch of %d, %d of its %d requests fail)",
+                          self.name, len(batch), len(bad), len(jobs))
             with self._fill_lock:
-                for job in jobs.values():
-                    job._fail(exc)
-                    job.cancelled = True  # its items still queued are dropped, not computed for nothing
+                for key in bad:
+                    jobs[key]._fail(exc)
+                    jobs[key].cancelled = True  # its items still queued are dropped, not computed for nothing
+                if len(bad) < len(jobs):
+                    for item, row in zip(batch, partial):
+                        if id(item.job) not in bad and item.job.error is None:
+                            item.job._fill(item.index, row)
             return
         finished = time.monotonic()
         with self._fill_lock:

@@ -350,3 +350,43 @@ def test_live_queries_are_answered_while_a_bulk_request_runs(models_file, st_mod
         assert f'embedapi_request_queue_seconds_count{{model="{EMBED}"}} ' in metrics
     finally:
         server.stop()
+
+
+def test_a_pass_that_fails_some_items_fails_only_their_requests(engines):
+    """A runner that computed part of a batch (the GPU guard's BatchOutOfMemory: an item that cannot fit
+    alone) names the failed rows: their request fails, the others in the same batch get their rows."""
+
+    class PartFailure(Exception):
+        def __init__(self, rows, failed):
+            super().__init__("item too large (injected)")
+            self.rows, self.failed = rows, failed
+
+    class FailsLongItems:
+        seen: list[set[int]] = []
+
+        def run(self, batch):
+            self.seen.append({owner(int(s[0])) for s in batch})
+            rows = np.array([[float(s[0]), float(len(s))] for s in batch], dtype=np.float32)
+            failed = [i for i, s in enumerate(batch) if len(s) > 2 * SHORT]
+            if failed:
+                rows[failed] = np.nan
+                raise PartFailure(rows, failed)
+            return rows
+
+        def run_free(self):
+            pass
+
+    stepper = Stepper()
+    engine = engines(stepper)
+    blocker = engine.submit(items(9, 1, SHORT))
+    stepper.entered()  # the queries below meet in one batch behind this pass
+    ok = [engine.submit(items(tag, 1, SHORT)) for tag in (2, 3)]
+    doomed = engine.submit(items(4, 1, 3 * SHORT))
+    engine.runner = FailsLongItems()  # the next pass gets the fault; the held one finishes on the stepper
+    stepper.run_free()
+    blocker.wait(BOUND)
+    for tag, job in zip((2, 3), ok):
+        check_rows(job, tag, 1, SHORT)
+    with pytest.raises(PartFailure):
+        doomed.wait(BOUND)
+    assert FailsLongItems.seen == [{2, 3, 4}]  # one batch held all three
