@@ -20,7 +20,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     done), `sync` (tests), or `off` (Gunicorn's post_fork hook loads them in each worker).
     The factory itself never touches torch.
     """
-    from .api import embeddings, handlers, health, metrics as metrics_api, models, openapi, rerank
+    from .api import cohere, embeddings, handlers, health, metrics as metrics_api, models, openapi, rerank, tei
     from .api.common import AppState
     from .metrics import Metrics
     from .registry import Registry
@@ -34,7 +34,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     registry = Registry(settings, observer=metrics)
     app.extensions["embedapi"] = AppState(settings, registry)
     app.extensions["embedapi.metrics"] = metrics
-    for blueprint in (embeddings.bp, rerank.bp, models.bp, health.bp, metrics_api.bp, openapi.bp):
+    for blueprint in (embeddings.bp, rerank.bp, tei.bp, cohere.bp, models.bp, health.bp, metrics_api.bp, openapi.bp):
         app.register_blueprint(blueprint)
     handlers.register(app)
 

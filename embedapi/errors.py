@@ -28,6 +28,14 @@ class APIError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
+    def tei_body(self) -> dict:
+        """The same error in text-embeddings-inference's shape, which TEI clients read."""
+        return {"error": self.message, "error_type": TEI_ERROR_TYPES.get(self.status, "Validation")}
+
+
+# TEI's error_type per status (its own: Validation, Overloaded, Unhealthy, Backend; the rest are ours).
+TEI_ERROR_TYPES = {401: "Unauthorized", 404: "NotFound", 429: "Overloaded", 500: "Backend", 503: "Unhealthy"}
+
 
 class InvalidRequest(APIError):
     """400: the request is malformed or breaks a limit."""

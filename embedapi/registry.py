@@ -14,6 +14,7 @@ from .config import ModelSpec, Settings
 from .engine import BatchObserver, DeviceSlots, Engine
 from .errors import ClientGone, InvalidRequest, ModelNotFound, ModelNotReady
 from .prompts import resolve_prompts
+from .quantize import Quantizer
 from .tokenization import TextEncoder
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ class LoadedModel:
     load_seconds: float
     activation: Callable[[np.ndarray], np.ndarray]
     attention: str = "unknown"
+    quantizer: Quantizer | None = None  # embedding models: the fixed int8/uint8 step (quantize.py)
 
 
 @dataclass(frozen=True)
@@ -212,6 +214,9 @@ class Registry:
                         slots=self._slots, set_threads=backend.use_threads)
         rows = engine.submit([sample]).wait(600)  # the real path once, which also tells the dimensions
         dims = int(rows.shape[1]) if spec.kind == "embedding" else None
+        quantizer = None if spec.kind != "embedding" else Quantizer.measure(
+            lambda texts: engine.submit([encoder.single(i) for i in encoder.ids(texts)]).wait(600),
+            resolve_prompts(spec.id, spec.prompts)[1].values())
         seconds = time.monotonic() - started
         log.info("loaded %s in %.1fs (dtype %s, attention %s, max_seq_length %d, batch budget %d tokens, %s)",
                  spec.id, seconds, backend.dtype_name(dtype), attention, encoder.max_seq_length, budget,
@@ -219,7 +224,7 @@ class Registry:
         if self.observer is not None:
             self.observer.model_loaded(spec.id, spec.kind, device, seconds)
         return LoadedModel(spec, encoder, engine, dims, device, backend.dtype_name(dtype), seconds,
-                           backend.activation(model), attention)
+                           backend.activation(model), attention, quantizer)
 
     def shutdown(self, drain: bool = True) -> None:
         """Stop every engine; with `drain`, queued work is finished first."""

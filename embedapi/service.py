@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from . import quantize
 from .config import Settings
 from .errors import InvalidRequest
 from .prompts import choose_prefix, with_prefix
@@ -94,9 +95,13 @@ def embed(registry: Registry, settings: Settings, req: dict[str, Any], gone: Gon
     fed = [with_prefix(prefix, t) for t in texts]
     _check_fed_chars(fed, texts, settings.max_text_chars)
     encoder = model.encoder
+    # Dialect options (TEI, Cohere): cut the text's start instead of its tail, keeping the prefix; a per-request cap.
+    left = req.get("truncation_direction") == "left"
+    head = encoder.ids([prefix])[0] if left and prefix else ()
     seqs = []
     for i, ids in enumerate(encoder.iter_ids(fed, gone)):
-        seq = encoder.single(ids, truncate=req.get("truncate", True))
+        seq = encoder.single(ids, truncate=req.get("truncate", True), left=left, head=head,
+                             max_length=req.get("max_tokens"))
         if seq is None:
             raise InvalidRequest(
                 f"input[{i}] is {len(ids) + encoder.template.single_overhead} tokens long, over the model's "
@@ -104,26 +109,36 @@ def embed(registry: Registry, settings: Settings, req: dict[str, Any], gone: Gon
         seqs.append(seq)
     tokens = sum(len(s) for s in seqs)
     _check_tokens(tokens, settings.max_request_tokens, "input")
+    if req.get("tokens_only"):  # POST /tokenize: exactly what the forward pass would be fed
+        return {"model": req["model"], "texts": fed, "seqs": seqs, "encoder": encoder, "tokens": tokens}
 
     rows = model.engine.submit(seqs).wait(settings.request_timeout_s, gone)
     if dims is not None and dims != rows.shape[1]:
         rows = rows[:, :dims]
     normalize = req.get("normalize")
-    if spec.normalize if normalize is None else normalize:
+    normalized = spec.normalize if normalize is None else normalize
+    if normalized:
         rows = _unit(rows)
     rows = np.ascontiguousarray(rows, dtype=np.float32)
+    by_type = None
+    if req.get("embedding_types"):  # Cohere: int8/uint8 with the model's fixed calibration step
+        by_type = quantize.by_type(rows, lambda: model.quantizer.step(rows.shape[1], normalized),
+                                   req["embedding_types"])
 
     if req.get("encoding_format") == "base64":
         vectors: list[Any] = [base64.b64encode(row.astype("<f4", copy=False).tobytes()).decode("ascii")
                               for row in rows]
     else:
         vectors = list(rows)
-    return {
+    out = {
         "object": "list",
         "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
         "model": req["model"],
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     }
+    if by_type is not None:
+        out["embeddings_by_type"] = by_type
+    return out
 
 
 def rerank(registry: Registry, settings: Settings, req: dict[str, Any], gone: Gone = None) -> dict[str, Any]:
@@ -138,7 +153,16 @@ def rerank(registry: Registry, settings: Settings, req: dict[str, Any], gone: Go
     ids = encoder.iter_ids([req["query"], *docs], gone)  # each document's ids are cut as they come
     query_ids = next(ids)
     cap = req.get("max_tokens_per_doc")
-    seqs = [encoder.pair(query_ids, d[:cap] if cap else d) for d in ids]
+    strict = req.get("truncate") is False  # TEI: an over-long pair is a 400 instead of being cut
+    left = req.get("truncation_direction") == "left"
+    seqs = []
+    for i, d in enumerate(ids):
+        d = d[:cap] if cap else d
+        n = len(query_ids) + len(d) + encoder.template.pair_overhead
+        if strict and n > encoder.max_seq_length:
+            raise InvalidRequest(f"query + document {i} is {n} tokens long, over the model's "
+                                 f"{encoder.max_seq_length}; shorten it or send \"truncate\": true", param="documents")
+        seqs.append(encoder.pair(query_ids, d, left=left))
     tokens = sum(len(s) for s in seqs)
     _check_tokens(tokens, settings.max_request_tokens, "documents")
 
@@ -156,3 +180,32 @@ def rerank(registry: Registry, settings: Settings, req: dict[str, Any], gone: Go
         results.append(item)
     return {"id": f"rerank-{secrets.token_hex(12)}", "model": req["model"], "query": req["query"],
             "results": results, "data": results, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+def tokenize(registry: Registry, settings: Settings, req: dict[str, Any], gone: Gone = None) -> dict[str, Any]:
+    """TEI's /tokenize: the token ids `embed` would feed for the same request (prefix, truncation), each
+    as `{id, text, special, start, stop}`; `tokens` is the usage the embeddings route reports."""
+    prep = embed(registry, settings, {**req, "tokens_only": True}, gone)
+    encoder = prep["encoder"]
+    special = req.get("add_special_tokens", True)
+    lists = []
+    for text, seq in zip(prep["texts"], prep["seqs"]):
+        tokens = encoder.describe(text, seq)
+        lists.append(tokens if special else [t for t in tokens if not t["special"]])
+    return {"model": req["model"], "tokens": lists, "usage": prep["tokens"]}
+
+
+def decode(registry: Registry, settings: Settings, req: dict[str, Any], gone: Gone = None) -> list[str]:
+    """TEI's /decode: token id lists back to text with the model's tokenizer."""
+    seqs: list[list[int]] = req["ids"]
+    _check_count(len(seqs), settings.max_inputs, "ids")
+    kind = registry.entry(req["model"]).spec.kind
+    _, model = registry.get(req["model"], kind, _loading_wait(settings), gone)
+    encoder = model.encoder
+    vocab = encoder.vocab_size
+    for i, ids in enumerate(seqs):
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequest(f"ids[{i}] holds {bad}, which is not a token id of {req['model']} "
+                                 f"(ids are 0..{vocab - 1})", param="ids")
+    return [encoder.decode(ids, req.get("skip_special_tokens", True)) for ids in seqs]

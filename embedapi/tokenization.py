@@ -121,26 +121,90 @@ class TextEncoder:
             yield from self.ids(texts[start:end])
             start, done = end, done + size
 
-    def single(self, ids: Sequence[int], truncate: bool = True) -> list[int] | None:
+    def single(self, ids: Sequence[int], truncate: bool = True, left: bool = False, head: Sequence[int] = (),
+               max_length: int | None = None) -> list[int] | None:
         """Wrap one text's ids in the template, cutting the tail to fit; None if too long and not truncating.
 
-        The prefix is at the head of the ids, so cutting the tail keeps it.
+        The prefix is at the head of the ids, so cutting the tail keeps it. `left` cuts the text's start
+        instead, keeping the leading run of ids that equals `head` (the prefix's ids). `max_length` (a
+        request's own cap, special tokens included) may only lower the model's max_seq_length.
         """
-        budget = self.max_seq_length - self.template.single_overhead
+        limit = self.max_seq_length if max_length is None else min(max_length, self.max_seq_length)
+        budget = max(0, limit - self.template.single_overhead)
         if len(ids) > budget:
             if not truncate:
                 return None
-            ids = ids[:budget]
+            if left:
+                keep = 0
+                while keep < min(len(head), budget) and ids[keep] == head[keep]:
+                    keep += 1
+                ids = [*ids[:keep], *ids[len(ids) - (budget - keep):]] if budget > keep else list(ids[:keep])
+            else:
+                ids = ids[:budget]
         return [*self.template.head, *ids, *self.template.tail]
 
-    def pair(self, query: Sequence[int], doc: Sequence[int]) -> PairIds:
-        """Wrap (query, document) ids; the document's tail goes first, the query is cut only past half."""
+    def pair(self, query: Sequence[int], doc: Sequence[int], left: bool = False) -> PairIds:
+        """Wrap (query, document) ids; the document's tail goes first (its head with `left`), the query is
+        cut only past half."""
         budget = self.max_seq_length - self.template.pair_overhead
         if len(query) + len(doc) > budget:
             q_keep = min(len(query), max(budget - len(doc), budget // 2))
             query = query[:q_keep]
-            doc = doc[:budget - q_keep]
+            doc = doc[len(doc) - (budget - q_keep):] if left else doc[:budget - q_keep]
         t = self.template
         ids = PairIds([*t.pair_head, *query, *t.pair_mid, *doc, *t.pair_tail])
         ids.first_len = len(t.pair_head) + len(query) + len(t.pair_mid)
         return ids
+
+    # -- what TEI's /tokenize and /decode show ----------------------------------------------
+    def describe(self, text: str, seq: Sequence[int]) -> list[dict[str, Any]]:
+        """The tokens of `seq` (a sequence `single` built from `text`) as TEI's /tokenize lists them:
+        `{id, text, special, start, stop}`, start/stop byte offsets into the UTF-8 of `text` (null for
+        special tokens), in the order the model reads them."""
+        t = self.template
+        head, tail = list(seq[:len(t.head)]), list(seq[len(seq) - len(t.tail):]) if t.tail else []
+        body = list(seq[len(head):len(seq) - len(tail)])
+        ids, offsets = self._encode_with_offsets(text)
+        n, total = len(body), len(ids)
+        if body == ids[:n]:
+            kept = list(range(n))
+        else:  # cut on the left: a leading run (the prefix, maybe empty), then the text's end
+            common = 0
+            while common < n and body[common] == ids[common]:
+                common += 1
+            keep = next(k for k in range(common + 1) if body[k:] == ids[total - (n - k):])
+            kept = [*range(keep), *range(total - (n - keep), total)]
+        cum = [0]
+        for ch in text:
+            cum.append(cum[-1] + len(ch.encode("utf-8")))
+
+        def special(i: int) -> dict[str, Any]:
+            return {"id": i, "text": self._token_text(i), "special": True, "start": None, "stop": None}
+
+        out = [special(i) for i in head]
+        for j in kept:
+            start, stop = offsets[j] if offsets is not None else (None, None)
+            piece = text[start:stop] if start is not None else self._token_text(ids[j])
+            out.append({"id": ids[j], "text": piece, "special": False,
+                        "start": None if start is None else cum[start], "stop": None if stop is None else cum[stop]})
+        out.extend(special(i) for i in tail)
+        return out
+
+    def _encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]] | None]:
+        if self._backend is not None:
+            enc = self._backend.encode(text, add_special_tokens=False)
+            return list(enc.ids), [tuple(o) for o in enc.offsets]
+        return self.ids([text])[0], None
+
+    def _token_text(self, token_id: int) -> str:
+        if self._backend is not None:
+            return self._backend.id_to_token(token_id) or ""
+        return str(self._tokenizer.convert_ids_to_tokens(token_id))
+
+    @property
+    def vocab_size(self) -> int:
+        return self._backend.get_vocab_size() if self._backend is not None else len(self._tokenizer)
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Token ids back to text (TEI's /decode); every id must be below vocab_size."""
+        return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)

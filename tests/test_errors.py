@@ -6,7 +6,7 @@ import pytest
 
 from embedapi import create_app
 
-from .conftest import EMBED, RERANK
+from .conftest import EMBED, EMBED_SHORT, RERANK
 
 E = "/v1/embeddings"
 R = "/v1/rerank"
@@ -83,6 +83,36 @@ CASES = [
     ("rerank unknown model", "POST", R, rr(model="rerank-english-v3.0"), {}, 404, "model_not_found", "model"),
     ("rerank max_tokens_per_doc zero", "POST", R, rr(max_tokens_per_doc=0), {}, 400, None, "max_tokens_per_doc"),
     ("v2 rerank empty documents", "POST", "/v2/rerank", rr(documents=[]), {}, 400, None, "documents"),
+    # Cohere embed (the contract's error shape, which the cohere SDK keeps as the typed error's body)
+    ("cohere v2 missing input_type", "POST", "/v2/embed", {"model": EMBED, "texts": ["a"]}, {}, 400, None,
+     "input_type"),
+    ("cohere v2 image input_type", "POST", "/v2/embed", {"model": EMBED, "texts": ["a"], "input_type": "image"}, {},
+     400, None, "input_type"),
+    ("cohere v2 texts string", "POST", "/v2/embed", {"model": EMBED, "texts": "a", "input_type": "search_query"}, {},
+     400, None, "texts"),
+    ("cohere v2 empty texts", "POST", "/v2/embed", {"model": EMBED, "texts": [], "input_type": "search_query"}, {},
+     400, None, "texts"),
+    ("cohere v2 unknown embedding type", "POST", "/v2/embed",
+     {"model": EMBED, "texts": ["a"], "input_type": "search_query", "embedding_types": ["int4"]}, {}, 400, None,
+     "embedding_types"),
+    ("cohere v2 bad truncate", "POST", "/v2/embed",
+     {"model": EMBED, "texts": ["a"], "input_type": "search_query", "truncate": "MIDDLE"}, {}, 400, None, "truncate"),
+    ("cohere v2 output_dimension not offered", "POST", "/v2/embed",
+     {"model": EMBED, "texts": ["a"], "input_type": "search_query", "output_dimension": 7}, {}, 400, None,
+     "output_dimension"),
+    ("cohere v2 images", "POST", "/v2/embed",
+     {"model": EMBED, "texts": ["a"], "input_type": "search_query", "images": ["data:image/png;base64,AA=="]}, {},
+     400, None, "images"),
+    ("cohere v2 missing model", "POST", "/v2/embed", {"texts": ["a"], "input_type": "search_query"}, {}, 400, None,
+     "model"),
+    ("cohere v2 unknown model", "POST", "/v2/embed", {"model": "embed-v4.0", "texts": ["a"],
+                                                      "input_type": "search_query"}, {}, 404, "model_not_found",
+     "model"),
+    ("cohere v2 rerank model", "POST", "/v2/embed", {"model": RERANK, "texts": ["a"], "input_type": "search_query"},
+     {}, 400, None, "model"),
+    ("cohere v1 too long with NONE", "POST", "/v1/embed",
+     {"model": EMBED_SHORT, "texts": ["長い文章です。" * 20], "truncate": "NONE"}, {}, 400, None, "texts"),
+    ("cohere v1 empty text", "POST", "/v1/embed", {"texts": ["a", ""]}, {}, 400, None, "texts"),
     ("unknown route", "POST", "/v1/chat/completions", {}, {}, 404, "not_found", None),
     ("unknown get route", "GET", "/nothing/here", None, {}, 404, "not_found", None),
     ("unknown model info", "GET", "/v1/models/nope", None, {}, 404, "model_not_found", "model"),
@@ -125,6 +155,65 @@ def test_bad_request_gets_documented_error_then_next_request_works(client, case)
 
 def test_the_table_is_large_enough():
     assert len(CASES) >= 30
+    assert len(TEI_CASES) >= 20
+
+
+# TEI's routes answer TEI's error shape, {"error": "...", "error_type": "..."}, which huggingface_hub shows
+# and Haystack's ranker reads. (id, method, path, body, status, error_type, a word the message must hold)
+TEI_CASES = [
+    ("embed missing inputs", "POST", "/embed", {}, 400, "Validation", "inputs"),
+    ("embed empty string", "POST", "/embed", {"inputs": ""}, 400, "Validation", "inputs"),
+    ("embed empty array", "POST", "/embed", {"inputs": []}, 400, "Validation", "inputs"),
+    ("embed number", "POST", "/embed", {"inputs": 3}, 400, "Validation", "inputs"),
+    ("embed token ids", "POST", "/embed", {"inputs": [1, 2, 3]}, 400, "Validation", "/tokenize"),
+    ("embed unknown prompt_name", "POST", "/embed", {"inputs": "a", "prompt_name": "question"}, 400, "Validation",
+     "prompt_name"),
+    ("embed bad truncation_direction", "POST", "/embed", {"inputs": "a", "truncation_direction": "middle"}, 400,
+     "Validation", "truncation_direction"),
+    ("embed normalize string", "POST", "/embed", {"inputs": "a", "normalize": "yes"}, 400, "Validation", "normalize"),
+    ("embed dimensions not offered", "POST", "/embed", {"inputs": "a", "dimensions": 7}, 400, "Validation",
+     "dimensions"),
+    ("embed too long, truncate false", "POST", "/embed",
+     {"inputs": "長い文章です。" * 20, "model": EMBED_SHORT, "truncate": False}, 400, "Validation", "truncate"),
+    ("embed too many inputs", "POST", "/embed", {"inputs": ["a"] * 65}, 400, "Validation", "inputs"),
+    ("embed unknown model", "POST", "/embed", {"inputs": "a", "model": "BAAI/bge-m3"}, 404, "NotFound", "BAAI/bge-m3"),
+    ("embed rerank model", "POST", "/embed", {"inputs": "a", "model": RERANK}, 400, "Validation", "rerank"),
+    ("embed body array", "POST", "/embed", ["a"], 400, "Validation", "JSON object"),
+    ("embed not json", "POST", "/embed", b"inputs=a", 400, "Validation", "JSON"),
+    ("rerank empty texts", "POST", "/rerank", {"query": "q", "texts": []}, 400, "Validation", "texts"),
+    ("rerank text number", "POST", "/rerank", {"query": "q", "texts": ["a", 3]}, 400, "Validation", "texts"),
+    ("rerank missing query", "POST", "/rerank", {"texts": ["a"]}, 400, "Validation", "query"),
+    ("rerank return_text string", "POST", "/rerank", {"query": "q", "texts": ["a"], "return_text": "yes"}, 400,
+     "Validation", "return_text"),
+    ("rerank embedding model", "POST", "/rerank", {"query": "q", "texts": ["a"], "model": EMBED}, 400, "Validation",
+     "embedding"),
+    ("rerank too many texts", "POST", "/rerank", {"query": "q", "texts": ["a"] * 33}, 400, "Validation", "texts"),
+    ("tokenize missing inputs", "POST", "/tokenize", {"add_special_tokens": True}, 400, "Validation", "inputs"),
+    ("tokenize add_special_tokens number", "POST", "/tokenize", {"inputs": "a", "add_special_tokens": 1}, 400,
+     "Validation", "add_special_tokens"),
+    ("decode not ids", "POST", "/decode", {"ids": ["a"]}, 400, "Validation", "ids"),
+    ("decode empty", "POST", "/decode", {"ids": []}, 400, "Validation", "ids"),
+    ("decode id out of range", "POST", "/decode", {"ids": [1, 10**9]}, 400, "Validation", "1000000000"),
+    ("decode negative id", "POST", "/decode", {"ids": [[-1]]}, 400, "Validation", "-1"),
+    ("root unknown body", "POST", "/", {"text": "a"}, 400, "Validation", "inputs"),
+    ("root rerank body without texts", "POST", "/", {"query": "q"}, 400, "Validation", "texts"),
+    ("info unknown model", "GET", "/info?model=nope", None, 404, "NotFound", "nope"),
+    ("wrong method on embed", "GET", "/embed", None, 405, None, "POST"),
+]
+
+
+@pytest.mark.parametrize("case", TEI_CASES, ids=[c[0] for c in TEI_CASES])
+def test_tei_routes_answer_bad_requests_in_tei_shape(client, case):
+    _, method, path, body, status, error_type, word = case
+    resp = send(client, method, path, body, {})
+    assert resp.status_code == status, resp.get_data(as_text=True)
+    payload = resp.get_json()
+    if error_type is None:  # routing errors (405) are the app's, before any blueprint: the contract's shape
+        assert word in payload["error"]["message"]
+        return
+    assert set(payload) == {"error", "error_type"} and payload["error_type"] == error_type
+    assert isinstance(payload["error"], str) and word in payload["error"] and "Traceback" not in payload["error"]
+    assert client.post("/embed", json={"inputs": "テスト"}).status_code == 200
 
 
 def test_token_ids_error_explains_the_langchain_fix(client):
@@ -187,3 +276,18 @@ def test_api_keys_accept_each_configured_key(keyed_app):
 def test_no_keys_configured_accepts_empty_authorization_header(client):
     assert client.post(E, json=OK_EMBED, headers={"Authorization": ""}).status_code == 200
     assert client.post(E, json=OK_EMBED, headers={"Authorization": "Bearer anything"}).status_code == 200
+
+
+def test_api_keys_guard_the_dialect_routes_in_their_shapes(keyed_app):
+    client = keyed_app.test_client()
+    for path, body in (("/embed", {"inputs": "a"}), ("/", {"inputs": "a"}), ("/tokenize", {"inputs": "a"}),
+                       ("/decode", {"ids": [1]})):
+        resp = client.post(path, json=body, headers={"Authorization": "Bearer wrong"})
+        assert resp.status_code == 401 and resp.json["error_type"] == "Unauthorized" and "Bearer" in resp.json["error"]
+    assert client.get("/info").status_code == 401
+    cohere = {"model": EMBED, "texts": ["a"], "input_type": "search_query"}
+    for path in ("/v2/embed", "/v1/embed"):
+        assert_error_shape(client.post(path, json=cohere), 401, "invalid_api_key")
+        assert client.post(path, json=cohere, headers={"Authorization": "Bearer k-one"}).status_code == 200
+    ok = client.post("/embed", json={"inputs": "a"}, headers={"Authorization": "Bearer k-two"})
+    assert ok.status_code == 200 and isinstance(ok.json, list)

@@ -57,13 +57,22 @@ def test_every_route_the_app_serves_is_documented(app, doc):
     assert len(operation_ids) == len(set(operation_ids))
 
 
+ERROR = {"$ref": "#/components/schemas/ErrorResponse"}
+TEI_ERROR = {"$ref": "#/components/schemas/TeiError"}
+# Each model route's error body: the contract's, TEI's on TEI's routes, either where the body decides.
+ERROR_BODIES = {"/v1/embeddings": ERROR, "/embeddings": ERROR, "/v2/rerank": ERROR, "/v2/embed": ERROR,
+                "/v1/embed": ERROR, "/v1/rerank": {"oneOf": [ERROR, TEI_ERROR]},
+                "/rerank": {"oneOf": [ERROR, TEI_ERROR]},
+                "/embed": TEI_ERROR, "/tokenize": TEI_ERROR, "/decode": TEI_ERROR, "/": TEI_ERROR}
+
+
 def test_model_routes_document_their_errors(doc):
-    for path in ("/v1/embeddings", "/embeddings", "/v1/rerank", "/rerank", "/v2/rerank"):
+    for path, error_body in ERROR_BODIES.items():
         op = doc["paths"][path]["post"]
         assert MODEL_ERRORS <= set(op["responses"]), path
         for status in MODEL_ERRORS:
             body = op["responses"][status]["content"]["application/json"]["schema"]
-            assert body == {"$ref": "#/components/schemas/ErrorResponse"}
+            assert body == error_body, path
         assert "Retry-After" in op["responses"]["429"]["headers"]
         assert op["requestBody"]["required"] is True
         assert "security" not in op and "401" not in op["responses"]  # no keys configured in this app
@@ -97,9 +106,10 @@ def test_request_schemas_are_the_validating_schemas(doc):
 
 
 def test_examples_are_valid_and_accepted(client, doc):
-    for path in ("/v1/embeddings", "/v1/rerank", "/v2/rerank"):
+    for path in ("/v1/embeddings", "/v1/rerank", "/v2/rerank", "/embed", "/", "/tokenize", "/v2/embed"):
         media = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]
-        conforms(doc, media["schema"]["$ref"].rsplit("/", 1)[1], media["example"])
+        ref = media["schema"].get("$ref") or media["schema"]["oneOf"][0]["$ref"]  # /v1/rerank: or TEI's body
+        conforms(doc, ref.rsplit("/", 1)[1], media["example"])
         resp = client.post(path, json=media["example"])
         assert resp.status_code == 200, resp.json
 
@@ -163,3 +173,30 @@ def test_docs_page(client):
     assert 'url: "openapi.json"' in html and "https://" not in html  # tests/test_docs_browser.py renders it
     for asset in re.findall(r'(?:src|href)="(docs/assets/[^"]+)"', html):  # served from the installed wheel
         assert client.get("/" + asset).status_code == 200, asset
+
+
+def test_dialect_answers_conform_to_their_documented_responses(client, doc):
+    """TEI's bare arrays and Cohere's objects, and TEI-shaped errors, against each operation's own schema."""
+    def check(method: str, path: str, status: int = 200, **kwargs) -> None:
+        resp = client.open(path, method=method, **kwargs)
+        assert resp.status_code == status, resp.json
+        schema = doc["paths"][path][method.lower()]["responses"][str(status)]["content"]["application/json"]["schema"]
+        errors = list(OAS30Validator({**schema, "components": doc["components"]}).iter_errors(resp.json))
+        assert not errors, f"{method} {path} {status}: {errors[0]}"
+
+    check("POST", "/embed", json={"inputs": ["一つ", "二つ"], "prompt_name": "query"})
+    check("POST", "/", json={"inputs": "一つ"})
+    check("POST", "/", json={"query": "温泉", "texts": ["蔵王温泉", "名古屋"]})
+    check("POST", "/rerank", json={"query": "温泉", "texts": ["蔵王温泉", "名古屋"], "return_text": True})
+    check("POST", "/tokenize", json={"inputs": "蔵王温泉", "prompt_name": "document"})
+    check("POST", "/decode", json={"ids": [[5, 6], [7]]})
+    check("GET", "/info")
+    check("GET", "/info", query_string={"model": RERANK})
+    check("POST", "/v2/embed", json={"model": EMBED, "texts": ["一つ"], "input_type": "search_query",
+                                     "embedding_types": ["float", "int8", "uint8", "binary", "ubinary", "base64"]})
+    check("POST", "/v1/embed", json={"model": EMBED, "texts": ["一つ"]})
+    check("POST", "/v1/embed", json={"model": EMBED, "texts": ["一つ"], "embedding_types": ["int8"]})
+    check("POST", "/embed", 400, json={"inputs": ""})
+    check("POST", "/embed", 404, json={"inputs": "a", "model": "no-such-model"})
+    check("POST", "/rerank", 400, json={"query": "温泉", "texts": []})
+    check("POST", "/v2/embed", 400, json={"model": EMBED, "texts": ["a"]})

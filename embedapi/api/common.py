@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hmac
+import re
 import select
 import socket
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import orjson
 from flask import Response, current_app, g, request
@@ -25,6 +27,8 @@ except ImportError:  # another WSGI server (flask run)
     BODY_FRAMING_ERRORS = ()
 
 JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
+# request.environ key: the dialect whose error shape this request's errors take ("tei"; absent: the contract's)
+DIALECT = "embedapi.dialect"
 
 
 @dataclass
@@ -130,3 +134,18 @@ def client_gone() -> Callable[[], bool] | None:
 def note(model: str, items: int, tokens: int) -> None:
     """What the access log line says of this request (never its texts)."""
     g.model, g.items, g.tokens = model, items, tokens
+
+
+@contextmanager
+def renamed(names: dict[str, str]) -> Iterator[None]:
+    """A dialect route's 400s name its own fields: the service says `input` / `documents`, TEI says
+    `inputs` / `texts`, Cohere `texts`."""
+    try:
+        yield
+    except InvalidRequest as exc:
+        if exc.param in names:
+            old, new = exc.param, names[exc.param]
+            exc.param = new
+            exc.message = re.sub(rf"(?<![\w.]){re.escape(old)}(?=[\['=])", new, exc.message)
+            exc.args = (exc.message,)
+        raise

@@ -14,7 +14,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed as WzMethodNotAl
 
 from ..errors import APIError, ClientGone, InvalidRequest, MethodNotAllowed, RequestTooLarge, RouteNotFound, \
     ServerError
-from .common import json_response
+from .common import DIALECT, json_response
 
 # Metric labels come from closed sets: Gunicorn accepts any method token of up to 20 characters, and a series
 # per invented method would let any client, without a key, grow /metrics without bound.
@@ -27,7 +27,8 @@ error_log = logging.getLogger("embedapi.errors")
 
 def render(error: APIError) -> Response:
     g.error_code = error.code or error.type
-    return json_response(error.body(), status=error.status, headers=error.headers)
+    body = error.tei_body() if request.environ.get(DIALECT) == "tei" else error.body()  # TEI routes: TEI's shape
+    return json_response(body, status=error.status, headers=error.headers)
 
 
 def _http_exception(exc: HTTPException) -> Response:

@@ -24,7 +24,7 @@ from marshmallow import Schema, fields
 
 from .. import __version__
 from ..config import Settings
-from . import schemas
+from . import dialect_schemas, schemas
 from .common import json_response
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,20 @@ class Operation:
     auth: bool = False
     description: str = ""
     also: dict[int, str] = field(default_factory=dict)  # other statuses answered with the `ok` schema
+    # Dialects: other request bodies the route also takes (oneOf with `request`), other answers (oneOf with
+    # `ok`, as schemas), and the error body shapes (TEI's routes answer TEI's).
+    other_requests: tuple[str, ...] = ()
+    other_ok: tuple[dict[str, Any], ...] = ()
+    error_schemas: tuple[str, ...] = ("ErrorResponse",)
 
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+_TEI_ERRORS = ("TeiError",)
+_TEI_VECTORS = {"type": "array", "items": {"type": "array", "items": {"type": "number"}}}
+_TEI_RANKS = {"type": "array", "items": {"$ref": "#/components/schemas/TeiRank"}}
 
 OPERATIONS: dict[str, Operation] = {
     "embeddings.create_embeddings": Operation(
@@ -144,13 +157,52 @@ OPERATIONS: dict[str, Operation] = {
                     "`data` is in input order; `usage` counts the tokens fed to the model. "
                     "`/embeddings` is the same route without `/v1` (for base URLs that lack it)."),
     "rerank.rerank_v1": Operation(
-        "Rerank documents (Jina / Cohere v1)", "rerank", "RerankResponse", request="RerankRequest",
-        errors=_MODEL_ERRORS, auth=True,
+        "Rerank documents (Jina / Cohere v1, or TEI's body)", "rerank", "RerankResponse", request="RerankRequest",
+        other_requests=("TeiRerankRequest",), other_ok=(_TEI_RANKS,), errors=_MODEL_ERRORS, auth=True,
+        error_schemas=("ErrorResponse", "TeiError"),
         description="Scores (query, document) pairs; results sorted by score descending, ties by lower index. "
+                    "A body with `texts` (and no `documents`) is text-embeddings-inference's: the answer is then "
+                    "TEI's bare array `[{index, score, text?}]` and errors TEI's `{error, error_type}`. "
                     "`/rerank` is the same route without `/v1`."),
     "rerank.rerank_v2": Operation(
         "Rerank documents (Cohere v2)", "rerank", "RerankV2Response", request="RerankV2Request",
         errors=_MODEL_ERRORS, auth=True),
+    "tei.embed": Operation(
+        "Embed (text-embeddings-inference)", "tei", content={"application/json": _TEI_VECTORS},
+        request="TeiEmbedRequest",
+        errors=_MODEL_ERRORS, auth=True, error_schemas=_TEI_ERRORS,
+        description="TEI's /embed: a bare array of vectors in input order. `prompt_name` is an input_type (query, "
+                    "document, ...) and picks the model's prefix; without `model`, the first configured embedding "
+                    "model. Errors are TEI's `{error, error_type}`."),
+    "tei.tokenize": Operation(
+        "Tokenize as the model is fed (TEI)", "tei", request="TeiTokenizeRequest", errors=_MODEL_ERRORS, auth=True,
+        content={"application/json": {"type": "array", "items": {"type": "array", "items": _ref("TeiToken")}}},
+        error_schemas=_TEI_ERRORS,
+        description="The tokens /embed feeds for the same text and prompt_name (prefix and truncation included); "
+                    "their count equals /v1/embeddings' usage. start/stop are byte offsets into the prefixed text."),
+    "tei.decode": Operation(
+        "Decode token ids (TEI)", "tei", request="TeiDecodeRequest", errors=_MODEL_ERRORS, auth=True,
+        content={"application/json": {"type": "array", "items": {"type": "string"}}}, error_schemas=_TEI_ERRORS),
+    "tei.info": Operation(
+        "Model info (TEI)", "tei", "TeiInfo", errors=(401, 404, 500), auth=True, error_schemas=_TEI_ERRORS,
+        description="`?model=` names a configured model; default the first embedding model."),
+    "tei.root": Operation(
+        "TEI's POST / : embed or rerank, by the body", "tei", request="TeiEmbedRequest",
+        content={"application/json": {"oneOf": [_TEI_VECTORS, _TEI_RANKS]}},
+        other_requests=("TeiRerankRequest",), errors=_MODEL_ERRORS, auth=True, error_schemas=_TEI_ERRORS,
+        description="`inputs` embeds (what InferenceClient.feature_extraction and Haystack's TEI embedders post "
+                    "to a bare URL), `query` + `texts` reranks; the answers are /embed's and /rerank's."),
+    "cohere.embed_v2": Operation(
+        "Embed (Cohere v2)", "cohere", "CohereEmbedByTypeResponse", request="CohereEmbedV2Request",
+        errors=_MODEL_ERRORS, auth=True,
+        description="Cohere's input_type (search_query, search_document, classification, clustering) picks "
+                    "Ruri's prefix; embedding_types float, int8 and uint8 (= int8 + 128; one fixed per-model "
+                    "calibration step, so codes are proportional to the floats), binary and ubinary (packed sign "
+                    "bits), base64 (float32 little-endian); truncate NONE/START/END. docs/dialects.md has more."),
+    "cohere.embed_v1": Operation(
+        "Embed (Cohere v1)", "cohere", "CohereEmbedFloatsResponse", request="CohereEmbedV1Request",
+        other_ok=(_ref("CohereEmbedByTypeResponse"),), errors=_MODEL_ERRORS, auth=True,
+        description="Without embedding_types: `embeddings_floats`; with them: `embeddings_by_type` as /v2/embed."),
     "models.list_models": Operation(
         "List the configured models", "models", "ModelList", errors=(401, 500), auth=True,
         description="Kind, dimensions, max tokens, prompt preset, aliases, and the answering worker's device "
@@ -174,6 +226,10 @@ OPERATIONS: dict[str, Operation] = {
 _DOC_SCHEMAS: tuple[type[Schema], ...] = (
     schemas.EmbeddingsRequest, schemas.RerankRequest, schemas.RerankV2Request, schemas.EmbeddingsResponse,
     schemas.RerankResponse, RerankV2Response, ModelInfo, ModelList, Health, Ready, schemas.ErrorResponse,
+    dialect_schemas.TeiEmbedRequest, dialect_schemas.TeiRerankRequest, dialect_schemas.TeiTokenizeRequest,
+    dialect_schemas.TeiDecodeRequest, dialect_schemas.TeiError, dialect_schemas.TeiRank, dialect_schemas.TeiToken,
+    dialect_schemas.TeiInfo, dialect_schemas.CohereEmbedV1Request, dialect_schemas.CohereEmbedV2Request,
+    dialect_schemas.CohereEmbedByTypeResponse, dialect_schemas.CohereEmbedFloatsResponse,
 )
 
 
@@ -185,6 +241,13 @@ def _custom_fields(self: Any, field_obj: fields.Field, **kwargs: Any) -> dict[st
         return {"oneOf": [text, {"type": "array", "minItems": 1, "items": text}],
                 "description": "a text, or an array of texts (arrays of token ids are refused with a 400 that "
                                "explains why)"}
+    if isinstance(field_obj, dialect_schemas.Texts):
+        text = {"type": "string", "minLength": 1}
+        array = {"type": "array", "minItems": 1, "items": text}
+        return {"oneOf": [text, array]} if field_obj.allow_string else array
+    if isinstance(field_obj, dialect_schemas.TokenIds):
+        ids = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}
+        return {"oneOf": [ids, {"type": "array", "minItems": 1, "items": ids}]}
     if isinstance(field_obj, schemas.RerankDocument):
         return {"oneOf": [{"type": "string"},
                           {"type": "object", "required": ["text"], "properties": {"text": {"type": "string"}}}]}
@@ -204,7 +267,8 @@ def _apply_settings(components: dict[str, Any], settings: Settings) -> None:
         "the model's full dimension, or one of its matryoshka_dimensions (GET /v1/models); otherwise 400")
     components["EmbeddingsRequest"]["properties"]["truncate"]["description"] = (
         "false: an input longer than the model's max_tokens is a 400 instead of being cut")
-    for name in ("EmbeddingsRequest", "RerankRequest", "RerankV2Request"):
+    for name in ("EmbeddingsRequest", "RerankRequest", "RerankV2Request", "TeiEmbedRequest", "TeiRerankRequest",
+                 "TeiTokenizeRequest", "CohereEmbedV1Request", "CohereEmbedV2Request"):
         for prop in components[name]["properties"].values():
             if prop.get("type") == "integer":  # orjson reads larger integers as floats, which are refused
                 prop.setdefault("format", "int64")
@@ -227,10 +291,14 @@ def _openapi_path(rule: str) -> str:
     return re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule)
 
 
-def _error_response(status: int) -> dict[str, Any]:
+def _one_of(schemas: list[dict[str, Any]]) -> dict[str, Any]:
+    return schemas[0] if len(schemas) == 1 else {"oneOf": schemas}
+
+
+def _error_response(status: int, error_schemas: tuple[str, ...] = ("ErrorResponse",)) -> dict[str, Any]:
     out: dict[str, Any] = {"description": ERRORS[status],
                            "headers": {"X-Request-ID": {"$ref": "#/components/headers/X-Request-ID"}},
-                           "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+                           "content": {"application/json": {"schema": _one_of([_ref(n) for n in error_schemas])}}}
     if status in _RETRY:
         out["headers"]["Retry-After"] = {"$ref": "#/components/headers/Retry-After"}
     return out
@@ -246,6 +314,13 @@ def _example(settings: Settings, op: Operation) -> dict[str, Any] | None:
     if op.request in ("RerankRequest", "RerankV2Request") and rerank:
         return {"model": rerank, "query": "蔵王温泉の泉質は？",
                 "documents": ["蔵王温泉は強酸性の硫黄泉です。", "名古屋は愛知県にあります。"], "top_n": 1}
+    if op.request == "TeiEmbedRequest" and embed:  # no model: the first embedding model
+        return {"inputs": ["名古屋大学で開発された日本語の埋め込みモデルです。"], "prompt_name": "document"}
+    if op.request == "TeiTokenizeRequest" and embed:
+        return {"inputs": "蔵王温泉の泉質は？", "prompt_name": "query"}
+    if op.request == "CohereEmbedV2Request" and embed:
+        return {"model": embed, "texts": ["蔵王温泉の泉質は？"], "input_type": "search_query",
+                "embedding_types": ["float", "int8"]}
     return None
 
 
@@ -253,7 +328,7 @@ def _operation(endpoint: str, path: str, method: str, op: Operation, settings: S
                alias_of: str | None) -> dict[str, Any]:
     request_id = {"X-Request-ID": {"$ref": "#/components/headers/X-Request-ID"}}
     if op.ok:
-        ok_content: dict[str, Any] = {"application/json": {"schema": {"$ref": f"#/components/schemas/{op.ok}"}}}
+        ok_content: dict[str, Any] = {"application/json": {"schema": _one_of([_ref(op.ok), *op.other_ok])}}
     else:
         ok_content = {media: {"schema": schema} for media, schema in op.content.items()}
     responses: dict[str, Any] = {"200": {"description": "OK", "headers": request_id, "content": ok_content}}
@@ -262,7 +337,7 @@ def _operation(endpoint: str, path: str, method: str, op: Operation, settings: S
     for status in op.errors:
         if status == 401 and not settings.api_keys:
             continue  # no key is configured: a 401 cannot happen
-        responses[str(status)] = _error_response(status)
+        responses[str(status)] = _error_response(status, op.error_schemas)
     out: dict[str, Any] = {
         "operationId": endpoint.replace(".", "_") + ("" if alias_of is None else "_" + re.sub(r"\W+", "_", path).strip("_")),
         "summary": op.summary, "tags": [op.tag],
@@ -276,7 +351,7 @@ def _operation(endpoint: str, path: str, method: str, op: Operation, settings: S
         out["parameters"].append({"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"},
                                   "description": "a configured model id or alias"})
     if op.request:
-        media: dict[str, Any] = {"schema": {"$ref": f"#/components/schemas/{op.request}"}}
+        media: dict[str, Any] = {"schema": _one_of([_ref(n) for n in (op.request, *op.other_requests)])}
         example = _example(settings, op)
         if example:
             media["example"] = example

@@ -1,10 +1,14 @@
-"""POST /v1/rerank, /rerank (Jina / Cohere v1 + the seed's fields) and /v2/rerank (Cohere v2)."""
+"""POST /v1/rerank, /rerank (Jina / Cohere v1 + the seed's fields) and /v2/rerank (Cohere v2).
+
+Both v1 paths also take TEI's body (`texts` instead of `documents`) and then answers as TEI (api/tei.py).
+"""
 
 from __future__ import annotations
 
 from flask import Blueprint, Response
 
 from .. import service
+from . import tei
 from .common import client_gone, json_response, load, note, read_json, require_api_key, state
 from .schemas import RerankRequest, RerankV2Request
 
@@ -17,7 +21,10 @@ _v2 = RerankV2Request()
 @bp.post("/v1/rerank")
 @bp.post("/rerank")
 def rerank_v1() -> Response:
-    req = load(_v1, read_json())
+    body = read_json()
+    if "texts" in body and "documents" not in body:
+        return tei.rerank_body(body)  # TEI's body (query, texts): TEI's bare array answer
+    req = load(_v1, body)
     return json_response(_rerank(req))
 
 
