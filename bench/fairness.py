@@ -9,11 +9,10 @@ shape with random weights (tests/synthetic_models.py). For each server configura
   - one bulk request (default 128 texts of ~3,300 tokens, ~420k tokens) alone: tokens/s;
   - the same bulk request with the 8 query clients running the whole time: the queries' p50 / p99
     and the bulk's tokens/s, as a ratio to its alone figure;
-  - one request of 400 texts of mixed lengths (10-500 tokens) alone: what holding one lane with all
-    threads, instead of two lanes of one thread, costs bulk work of shorter texts.
+  - one request of 400 texts of mixed lengths (10-500 tokens) alone.
 
-The configurations are the default (bulk work holds at most one of the two lanes) and
-EMBEDAPI_BULK_LANES=2 (turns between requests only; bulk may hold both lanes), for comparison.
+The configurations are the default (bulk work holds the two regular lanes, queries get a spare one)
+and EMBEDAPI_QUERY_LANES=0 (turns between requests only: a query waits for a lane), for comparison.
 
     /work/main/.venv/bin/python bench/fairness.py            # full run (about 15 minutes on 2 cores)
     /work/main/.venv/bin/python bench/fairness.py --quick    # 48 bulk texts
@@ -151,7 +150,7 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, small bulk: only proves the script works")
     ap.add_argument("--models-dir", default=os.environ.get("EMBEDAPI_BENCH_MODELS",
                                                             str(Path(tempfile.gettempdir()) / "embedapi-bench")))
-    ap.add_argument("--only-default", action="store_true", help="skip the EMBEDAPI_BULK_LANES=2 comparison")
+    ap.add_argument("--only-default", action="store_true", help="skip the EMBEDAPI_QUERY_LANES=0 comparison")
     ap.add_argument("--also", action="append", default=[], metavar="VAR=VALUE[,VAR=VALUE]",
                     help="another server configuration to measure in the same run (repeatable)")
     ap.add_argument("--bulk-texts", type=int, default=0, help="texts in the bulk request (default 128, quick 48)")
@@ -188,7 +187,7 @@ def main() -> int:
 
     configs = [("default", {})]
     if not args.only_default:
-        configs.append(("EMBEDAPI_BULK_LANES=2", {"EMBEDAPI_BULK_LANES": "2"}))
+        configs.append(("EMBEDAPI_QUERY_LANES=0", {"EMBEDAPI_QUERY_LANES": "0"}))
     for spec in args.also:
         configs.append((spec, dict(kv.split("=", 1) for kv in spec.split(","))))
     for label, env in configs:

@@ -44,7 +44,7 @@ SETTINGS_ENV: dict[str, tuple[str, str]] = {
     "request_timeout_s": ("EMBEDAPI_REQUEST_TIMEOUT", ""),
     "torch_threads": ("EMBEDAPI_TORCH_THREADS", "0: cores / workers"),
     "parallel_batches": ("EMBEDAPI_PARALLEL_BATCHES", "0: 2 on a CPU with 2+ torch threads, else 1"),
-    "bulk_lanes": ("EMBEDAPI_BULK_LANES", "0: all passes but one (bulk = a request over one batch budget)"),
+    "query_lanes": ("EMBEDAPI_QUERY_LANES", "-1: 1 on CPU, 0 on GPU (extra passes beside bulk work)"),
     "busy_wait_ms": ("EMBEDAPI_BUSY_WAIT_MS", "while bulk runs, other passes start at most this often"),
     "trace": ("EMBEDAPI_TRACE", "CPU: run transformers traced to TorchScript when they match eager"),
     "log_format": ("EMBEDAPI_LOG_FORMAT", ""),

@@ -183,7 +183,7 @@ class Settings:
     request_timeout_s: float = 600.0
     torch_threads: int = 0  # 0 = cores / workers
     parallel_batches: int = 0  # 0 = the device's default (backend: 2 on a CPU with 2+ threads, else 1)
-    bulk_lanes: int = 0  # passes bulk requests may hold at once; 0 = all but one (engine.DeviceSlots)
+    query_lanes: int = -1  # extra passes for non-bulk work while bulk holds the others; -1: CPU 1, else 0
     busy_wait_ms: float = 200.0  # while bulk work runs, other passes start at most this often (and batch)
     trace: bool = True  # CPU: run each transformer traced to TorchScript (GIL released), if it matches eager
     log_format: str = "text"
@@ -225,7 +225,7 @@ class Settings:
             request_timeout_s=_env_float(env, "EMBEDAPI_REQUEST_TIMEOUT", 600.0),
             torch_threads=_env_int(env, "EMBEDAPI_TORCH_THREADS", 0),
             parallel_batches=_env_int(env, "EMBEDAPI_PARALLEL_BATCHES", 0),
-            bulk_lanes=_env_int(env, "EMBEDAPI_BULK_LANES", 0),
+            query_lanes=_env_int(env, "EMBEDAPI_QUERY_LANES", -1),
             busy_wait_ms=_env_float(env, "EMBEDAPI_BUSY_WAIT_MS", 200.0),
             trace=_env_bool(env, "EMBEDAPI_TRACE", True),
             log_format=log_format,

@@ -5,8 +5,8 @@ model on a device shares one `DeviceSlots`: its lane threads run one forward pas
 take turns between the waiting jobs of all those models by deficit round-robin on padded tokens, so
 a request of a thousand long texts gets about one batch per turn while a one-text query waits for at
 most one batch of it. A batch is still cut from length-sorted items under the token budget and may
-carry several requests' items. Bulk work (a request over one batch's budget) holds at most
-`bulk_lanes` lanes, so on CPU a lane stays free for queries. docs/scheduling.md has the rules.
+carry several requests' items. Bulk work (a request over one batch's budget) never takes the `spare`
+lanes, which on CPU keep a pass free for queries. docs/scheduling.md has the rules.
 """
 
 from __future__ import annotations
@@ -124,17 +124,18 @@ class DeviceSlots:
     `lanes` passes may run at once, each on its own thread; on CPU a pass that starts with nothing
     else to run gets all of the worker's `threads`, else an equal share (`threads` 0 leaves the
     count alone, as on GPUs). Jobs of every model take turns in one ring (deficit round-robin, a
-    quantum of one batch budget per turn); a job over one batch budget is bulk and bulk passes hold
-    at most `bulk_lanes` lanes at once (0: all but one lane when there are two or more). While bulk
-    work runs, other passes start at most every `busy_wait_ms` and batch together meanwhile, so a
-    stream of queries costs the bulk work little and each still waits a fraction of a second.
+    quantum of one batch budget per turn). A job over one batch budget is bulk: bulk passes use the
+    `lanes` only, and `spare` more lanes run other work (at most `lanes` such passes) while bulk work
+    holds them, so a query never waits for a long pass to end. While bulk work runs, other passes start
+    at most every `busy_wait_ms` and batch together meanwhile, so a stream of queries costs the bulk
+    work little and each still waits a fraction of a second.
     """
 
-    def __init__(self, lanes: int = 1, threads: int = 0, bulk_lanes: int = 0, busy_wait_ms: float = 200.0) -> None:
+    def __init__(self, lanes: int = 1, threads: int = 0, spare: int = 0, busy_wait_ms: float = 200.0) -> None:
         self.lanes = max(1, lanes)
+        self.spare = max(0, spare)
         self.threads = max(0, threads)
         self.share = max(1, self.threads // self.lanes) if self.threads else 0
-        self.bulk_lanes = min(self.lanes, bulk_lanes) if bulk_lanes > 0 else max(1, self.lanes - 1)
         self.busy_wait = max(0.0, busy_wait_ms) / 1000.0
         self._last_beside_bulk = float("-inf")  # when a pass last started beside running bulk work
         self._cond = threading.Condition()
@@ -150,9 +151,9 @@ class DeviceSlots:
         with self._cond:
             self._engines.append(engine)
             if self._live == 0:  # first engine (or again after all stopped): start the lanes
-                self._live = self.lanes
+                self._live = self.lanes + self.spare
                 self._threads = [threading.Thread(target=self._lane, name=f"engine:{engine.name}:{i}", daemon=True)
-                                 for i in range(self.lanes)]
+                                 for i in range(self._live)]
                 for thread in self._threads:
                     thread.start()
 
@@ -195,15 +196,21 @@ class DeviceSlots:
             engine._forget(job.pending)
             job.pending = []
 
-    def _anchor(self, bulk_ok: bool) -> Job | None:
+    def _allowed(self) -> tuple[bool, bool]:
+        """Lock held: whether a bulk pass, and whether another pass, may start now."""
+        others = self._running - self._running_bulk
+        return (self._running < self.lanes,
+                others < self.lanes and self._running < self.lanes + self.spare)
+
+    def _anchor(self, bulk_ok: bool, other_ok: bool) -> Job | None:
         """The job whose turn it is (deficit round-robin): the first in the ring with credit left;
         a job out of credit gets a quantum and, if still out (it rode along in others' batches),
-        goes to the back. Bulk jobs are passed over while the bulk lanes are full."""
+        goes to the back. Jobs of a kind that may not start a pass now are passed over."""
         ring = self._ring
         i, visits = 0, 0
         while i < len(ring) and visits <= 2 * len(ring):
             job = ring[i]
-            if job.bulk and not bulk_ok:
+            if not (bulk_ok if job.bulk else other_ok):
                 i += 1
                 continue
             if job.deficit <= 0:
@@ -219,10 +226,8 @@ class DeviceSlots:
     def _pick(self) -> _Pick | float | None:
         """Lock held. The next batch to run; else seconds to wait for company, or None (nothing to do)."""
         self._drop_cancelled()
-        if self._running >= self.lanes:
-            return None
-        bulk_ok = self._running_bulk < self.bulk_lanes
-        anchor = self._anchor(bulk_ok)
+        bulk_ok, other_ok = self._allowed()
+        anchor = self._anchor(bulk_ok, other_ok)
         if anchor is None:
             return None
         engine = anchor.engine
@@ -253,11 +258,7 @@ class DeviceSlots:
         more = self._runnable()
         if more:
             self._cond.notify()  # work left for another lane
-        # A lone pass gets every thread; so does a bulk pass while it is the only one (the other lanes
-        # are kept for short passes, which come and go).
-        alone = self._running == 1 and not more
-        threads = self.threads if (alone or (bulk and self._running_bulk == 1 and self.bulk_lanes == 1)) \
-            else self.share
+        threads = self.threads if (self._running == 1 and not more) else self.share  # a lone pass: every thread
         first = [job for job in jobs if job.first_pass is None]
         for job in first:
             job.first_pass = now
@@ -265,10 +266,8 @@ class DeviceSlots:
 
     def _runnable(self) -> bool:
         """Lock held: could another lane start a pass now?"""
-        if self._running >= self.lanes:
-            return False
-        bulk_ok = self._running_bulk < self.bulk_lanes
-        return any(job.pending and (bulk_ok or not job.bulk) for job in self._ring)
+        bulk_ok, other_ok = self._allowed()
+        return any(job.pending and (bulk_ok if job.bulk else other_ok) for job in self._ring)
 
 
 class Engine:

@@ -180,8 +180,13 @@ class Registry:
             # Batching off (the seeds' design, for comparison): one pass at a time across all models.
             lanes = (self.settings.parallel_batches or backend.default_lanes(self.device, in_effect)
                      if self.settings.batching else 1)
-            self._slots = DeviceSlots(lanes, in_effect if self.device == "cpu" else 0, self.settings.bulk_lanes,
-                                      self.settings.busy_wait_ms)
+            # A spare pass for queries beside bulk work: on CPU (a pass there can take seconds); on GPUs
+            # bulk batches are short and the spare is off unless EMBEDAPI_QUERY_LANES asks for it.
+            spare = self.settings.query_lanes
+            if spare < 0:
+                spare = 1 if self.device == "cpu" and self.settings.batching else 0
+            self._slots = DeviceSlots(lanes, in_effect if self.device == "cpu" else 0, spare if self.settings.batching
+                                      else 0, self.settings.busy_wait_ms)
             for entry in self.entries.values():
                 self.models[entry.spec.id] = self._load_one(backend, entry.spec, self.device)
         except Exception as exc:

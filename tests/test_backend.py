@@ -54,7 +54,7 @@ def test_the_registry_gives_every_model_the_device_slots(models_file):
         assert len(slots) == 1  # one device: its models share the lanes
         engine = models[EMBED].engine
         assert engine.slots.lanes == 3 and engine.slots.threads == 2 and engine.slots.share == 1
-        assert len(engine.slots._threads) == 3
+        assert engine.slots.spare == 1 and len(engine.slots._threads) == 4  # + the CPU's spare lane
     finally:
         app.extensions["embedapi"].registry.shutdown()
         torch.set_num_threads(before)
@@ -70,7 +70,7 @@ def test_batching_off_runs_one_pass_at_a_time_on_every_thread(models_file):
         models = app.extensions["embedapi"].registry.models
         assert len({id(m.engine.slots) for m in models.values()}) == 1
         slots = models[EMBED].engine.slots
-        assert slots.lanes == 1 and slots.threads == 2
+        assert slots.lanes == 1 and slots.threads == 2 and slots.spare == 0
     finally:
         app.extensions["embedapi"].registry.shutdown()
         torch.set_num_threads(before)

@@ -111,27 +111,44 @@ def test_a_query_behind_a_bulk_request_is_served_within_one_of_its_batches(engin
     assert len(stepper.passes) <= 12  # the bulk still ran in full batches (40 items / 4 per batch)
 
 
-def test_with_two_lanes_a_query_runs_while_bulk_work_holds_the_other(engines):
+def test_a_spare_lane_runs_a_query_while_bulk_work_holds_every_other(engines):
     stepper = Stepper()
-    engine = engines(stepper, slots=DeviceSlots(lanes=2, threads=2))
+    engine = engines(stepper, slots=DeviceSlots(lanes=2, threads=2, spare=1))
     bulk = engine.submit(items(1, 40, LONG))
-    stepper.entered()  # one bulk pass runs; bulk work may not take the second lane
+    stepper.entered(2)  # bulk work holds both regular lanes, at full speed
+    assert all(owner(t) == 1 for p in stepper.passes for t in p)
     query = engine.submit(items(2, 1, SHORT))
-    stepper.entered()  # a second pass started while the first is still held...
-    assert [owner(t) for t in stepper.passes[1]] == [2]  # ...and it is the query's
-    stepper.release(1)
-    check_rows(query, 2, 1, SHORT)  # answered while the bulk pass is still in the model
+    stepper.entered()  # a third pass started while both bulk passes are still held...
+    assert [owner(t) for t in stepper.passes[2]] == [2]  # ...and it is the query's
+    stepper.release(2)
+    check_rows(query, 2, 1, SHORT)  # answered while the bulk passes are still in the model
     stepper.run_free()
     check_rows(bulk, 1, 40, LONG)
+    assert max(len(p) for p in stepper.passes) <= 4
+
+
+def test_the_spare_lane_never_takes_bulk_work(engines):
+    stepper = Stepper()
+    engine = engines(stepper, slots=DeviceSlots(lanes=1, threads=2, spare=1))
+    first = engine.submit(items(1, 12, LONG))
+    stepper.entered()
+    second = engine.submit(items(2, 12, LONG))  # a second bulk request finds only the spare lane free
+    query = engine.submit(items(3, 1, SHORT))
+    stepper.entered()
+    assert [owner(t) for t in stepper.passes[1]] == [3]  # the spare lane ran the query, not bulk work
+    stepper.run_free()
+    check_rows(query, 3, 1, SHORT)
+    check_rows(first, 1, 12, LONG)
+    check_rows(second, 2, 12, LONG)
 
 
 def test_beside_running_bulk_work_queries_are_batched_instead_of_run_one_by_one(engines):
     stepper = Stepper()
-    engine = engines(stepper, slots=DeviceSlots(lanes=2, threads=2, busy_wait_ms=BOUND * 1000))
+    engine = engines(stepper, slots=DeviceSlots(lanes=1, threads=2, spare=1, busy_wait_ms=BOUND * 1000))
     bulk = engine.submit(items(1, 5, LONG))  # over one batch budget: bulk
     stepper.entered()
     first = engine.submit(items(2, 1, SHORT))
-    stepper.entered()  # the first query beside the bulk pass runs at once
+    stepper.entered()  # the first query beside the bulk pass runs at once, on the spare lane
     stepper.release(1)
     check_rows(first, 2, 1, SHORT)
     later = [engine.submit(items(3, 1, SHORT)), engine.submit(items(4, 1, SHORT))]
