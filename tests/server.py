@@ -42,6 +42,17 @@ def call(method: str, url: str, body: Any = None, headers: dict[str, str] | None
         return status, hdrs, payload.decode("utf-8", "replace")
 
 
+def poll(predicate, what: str, timeout: float = 120):
+    """Call `predicate` every 50 ms until it returns something true (returned); fail after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 class GunicornServer:
     """Starts Gunicorn with the repository's config; stop() sends SIGTERM and waits."""
 

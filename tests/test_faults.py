@@ -23,7 +23,7 @@ import pytest
 
 from .conftest import EMBED, RERANK
 from .faults.server import FaultServer
-from .server import GunicornServer, call
+from .server import GunicornServer, call, poll as _poll
 
 E = "/v1/embeddings"
 WAIT = 120  # bound of every wait on the server (seconds); reaching it fails the test
@@ -31,13 +31,7 @@ QUEUE_TOKENS = 1000
 
 
 def poll(predicate, what: str, timeout: float = WAIT):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    return _poll(predicate, what, timeout)
 
 
 def embed_text(url: str, text: str, **headers: str) -> tuple[int, dict, object]:

@@ -24,19 +24,13 @@ from embedapi.engine import Engine
 
 from .conftest import EMBED
 from .faults.server import FaultServer
-from .server import call
+from .server import call, poll as _poll
 
 WAIT = 120
 
 
 def poll(predicate, what: str, timeout: float = WAIT):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    return _poll(predicate, what, timeout)
 
 
 class OOMFault:

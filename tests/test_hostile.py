@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import EMBED, EMBED_SHORT
-from .server import GunicornServer, call
+from .server import GunicornServer, call, poll as _poll
 
 KEY = "k-hostile"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -94,13 +94,7 @@ def reset_peak_rss(pid: int) -> int:
 
 
 def poll(predicate, what: str, timeout: float = WAIT):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    return _poll(predicate, what, timeout)
 
 
 def embed(srv: GunicornServer, body: dict, timeout: float = WAIT):
