@@ -182,11 +182,10 @@ class Registry:
                      if self.settings.batching else 1)
             # A spare pass for queries beside bulk work: on CPU (a pass there can take seconds); on GPUs
             # bulk batches are short and the spare is off unless EMBEDAPI_QUERY_LANES asks for it.
-            spare = self.settings.query_lanes
-            if spare < 0:
-                spare = 1 if self.device == "cpu" and self.settings.batching else 0
-            self._slots = DeviceSlots(lanes, in_effect if self.device == "cpu" else 0, spare if self.settings.batching
-                                      else 0, self.settings.busy_wait_ms)
+            # Batching off (one request per pass) has no bulk work to run beside: no spare.
+            spare = self.settings.query_lanes if self.settings.query_lanes >= 0 else int(self.device == "cpu")
+            self._slots = DeviceSlots(lanes, in_effect if self.device == "cpu" else 0,
+                                      spare if self.settings.batching else 0, self.settings.busy_wait_ms)
             for entry in self.entries.values():
                 self.models[entry.spec.id] = self._load_one(backend, entry.spec, self.device)
         except Exception as exc:
