@@ -11,6 +11,7 @@ lanes, which on CPU keep a pass free for queries. docs/scheduling.md has the rul
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import logging
 import threading
@@ -24,6 +25,18 @@ import numpy as np
 from .errors import ClientGone, QueueFull
 
 log = logging.getLogger(__name__)
+
+LANE_THREAD_NAME = b"embedapi-lane"  # what `top -H`, py-spy and /proc/<pid>/task/*/comm show for a lane
+
+
+def _name_os_thread(name: bytes) -> None:
+    """Give the calling thread an OS-level name (Linux prctl PR_SET_NAME; elsewhere nothing), so the
+    forward lanes and the OpenMP threads they start can be told apart from request threads in `top -H`
+    and in bench/request_path.py's CPU split."""
+    try:
+        ctypes.CDLL(None).prctl(15, ctypes.c_char_p(name[:15]), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 class Runner(Protocol):
@@ -52,6 +65,17 @@ class _NullObserver:
         pass
 
 
+_waiter = threading.local()  # per request thread: the last job it waited for, for the hand-off metric
+
+
+def take_rows_ready() -> tuple[str, float] | None:
+    """(model, monotonic time its rows were all computed) of the last job the calling thread waited for, once;
+    the Gunicorn worker turns it into the hand-off time after writing the response (embedapi_handoff_seconds)."""
+    ready = getattr(_waiter, "ready", None)
+    _waiter.ready = None
+    return ready
+
+
 @dataclass(eq=False)
 class _Item:
     job: "Job"
@@ -74,6 +98,7 @@ class Job:
     bulk: bool = False
     deficit: int = 0
     first_pass: float | None = None
+    ready_at: float | None = None  # when the last row was filled
     _left: int = 0
     _done: threading.Event = field(default_factory=threading.Event)
 
@@ -86,6 +111,7 @@ class Job:
         self.rows[index] = row
         self._left -= 1
         if self._left == 0:
+            self.ready_at = time.monotonic()
             self._done.set()
 
     def _fail(self, error: BaseException) -> None:
@@ -106,6 +132,8 @@ class Job:
         if self.error is not None:
             raise self.error
         assert self.rows is not None
+        if self.ready_at is not None and self.engine is not None:
+            _waiter.ready = (self.engine.name, self.ready_at)
         return self.rows
 
 
@@ -166,6 +194,7 @@ class DeviceSlots:
 
     # -- the lanes ---------------------------------------------------------------------
     def _lane(self) -> None:
+        _name_os_thread(LANE_THREAD_NAME)
         while True:
             with self._cond:
                 while True:

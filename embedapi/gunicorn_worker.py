@@ -42,6 +42,7 @@ from gunicorn.http2 import negotiation
 from gunicorn.workers import gthread
 
 from .config import Settings
+from .engine import take_rows_ready
 from .errors import RequestTimeout
 
 # A head is collected in the main loop up to this size; a larger one (rare: Gunicorn allows ~800 KB) goes to a
@@ -226,9 +227,11 @@ class DeadlineThreadWorker(gthread.ThreadWorker):
         self.deadlines = Deadlines()
         self.heads: dict[DeadlineConn, None] = {}  # connections whose head the main loop is collecting
         self.lingering: dict[socket.socket, float] = {}  # closing sockets -> drain deadline
+        self.metrics: Any = None  # the app's Metrics (embedapi_handoff_seconds), once the app is loaded
 
     def run(self) -> None:
         self.deadlines = Deadlines.of(self.wsgi)
+        self.metrics = getattr(self.wsgi, "extensions", {}).get("embedapi.metrics")
         super().run()
 
     # -- the head, collected by the main loop ---------------------------------------------------
@@ -311,10 +314,14 @@ class DeadlineThreadWorker(gthread.ThreadWorker):
 
     def handle_request(self, req: Any, conn: DeadlineConn) -> Any:
         conn.phase, conn.body_start, conn.body_bytes, conn.req = "body", time.monotonic(), 0, req
+        take_rows_ready()  # nothing left over from an earlier request of this thread
         try:
             return super().handle_request(req, conn)
         finally:
             conn.phase, conn.req = None, None
+            ready = take_rows_ready()  # the response is written (or failed): the hand-off time
+            if ready is not None and self.metrics is not None:
+                self.metrics.handoff(ready[0], time.monotonic() - ready[1])
 
     def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
         """Gunicorn's answer to a request it could not parse (bad request line, headers, framing), in the

@@ -22,6 +22,7 @@ if MULTIPROCESS:  # `flask run` with the variable set to a directory that does n
     os.makedirs(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ["prometheus_multiproc_dir"], exist_ok=True)
 
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+_HANDOFF_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 _BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _BATCH_TOKEN_BUCKETS = (16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 
@@ -48,6 +49,12 @@ class Metrics:
             "embedapi_request_queue_seconds",
             "Per request: time from its arrival at the model's queue to the start of its first forward pass "
             "(queries waiting behind bulk work show here).", ["model"], buckets=_DURATION_BUCKETS, registry=r)
+        self.handoff_seconds = Histogram(
+            "embedapi_handoff_seconds",
+            "Per request: time from its rows being computed to its response having been written to the socket "
+            "(the request thread's wake-up, the JSON, the send; under Gunicorn only).", ["model"],
+            buckets=_HANDOFF_BUCKETS, registry=r)
+        self._handoff_series: dict[str, Any] = {}
         self.inference_seconds = Histogram("embedapi_inference_seconds", "Per batch: forward-pass time.",
                                            ["model"], buckets=_DURATION_BUCKETS, registry=r)
         self.batch_size = Histogram("embedapi_batch_size", "Sequences per forward pass.", ["model"],
@@ -81,6 +88,12 @@ class Metrics:
             self._request_series[key] = pair
         pair[0].inc()
         pair[1].observe(seconds)
+
+    def handoff(self, model: str, seconds: float) -> None:
+        series = self._handoff_series.get(model)
+        if series is None:
+            series = self._handoff_series[model] = self.handoff_seconds.labels(model)
+        series.observe(max(0.0, seconds))
 
     # -- engine (BatchObserver) ------------------------------------------------------------
     def batch_done(self, model: str, size: int, padded_tokens: int, real_tokens: int,

@@ -136,6 +136,8 @@ def test_one_scrape_sums_both_gunicorn_workers(gunicorn_server, models_file):
     assert delta("embedapi_requests_total", route="/v1/embeddings", method="POST", status="200") == n
     assert delta("embedapi_request_duration_seconds_count", route="/v1/embeddings") == n
     assert delta("embedapi_batch_size_sum", model=EMBED) == n
+    # Every answered embedding request reports its hand-off (rows computed -> response written) once.
+    assert delta("embedapi_handoff_seconds_count", model=EMBED) == n
     assert delta("embedapi_tokens_total", model=EMBED) == tokens
     # Per-worker gauges carry a pid label: one series per live worker.
     loaded = {lab["pid"]: v for name, lab, v in after if name == "embedapi_models_loaded"}

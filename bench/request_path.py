@@ -1,0 +1,263 @@
+#!/usr/bin/env python
+"""The request path's cost: worker CPU per request split into the forward passes and the rest (issue 15).
+
+Starts the real server (1 worker, defaults) on a synthetic model, drives it with wrk (`-t2 -c32`, one
+distinct ~14-token text per request, keep-alive) and reads, before and after, the CPU time of every
+thread of the worker from /proc/<pid>/task: threads named `embedapi-lane` (the forward lanes and the
+OpenMP threads they start) are the forward passes, everything else (Gunicorn's main loop, the request
+threads, the tokenizer) is "the rest". It also reads `embedapi_handoff_seconds` (rows computed ->
+response written) from /metrics, and measures raw float32 `SentenceTransformer.encode` (bs 32) of the
+same texts in this process for the ratio, the idle single-request p50 against a raw single encode, and
+the worker's RSS over the run.
+
+    .venv/bin/python bench/request_path.py                       # 30m shape and the tiny test model
+    .venv/bin/python bench/request_path.py --shape tiny --seconds 5
+    .venv/bin/python bench/request_path.py --also EMBEDAPI_THREADS=16   # A/B, alternated (--rounds)
+    .venv/bin/python bench/request_path.py --profile bench/out/flame   # py-spy record --gil / --idle too
+
+Needs `wrk` (apt-get install wrk) and, for --profile, py-spy (pip). Nothing is asserted: figures only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchmark as bm  # noqa: E402  (its models, texts, server and raw-encode helpers)
+from fairness import cpu_name  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from tests.server import call  # noqa: E402
+
+CLIENTS = 32
+TOKENS = 14
+TICK = os.sysconf("SC_CLK_TCK")
+LANE = "embedapi-lane"
+SHAPES = {"30m": ("embedding", bm.RURI_V3_SHAPES["ruri-v3-30m"]), "tiny": ("embedding", bm.SMOKE_SHAPE)}
+WRK_LUA = """
+local bodies = {}
+local n = 0
+for line in io.lines("%s") do n = n + 1; bodies[n] = line end
+local i = 0
+request = function()
+  i = i %% n + 1
+  return wrk.format("POST", "/v1/embeddings", {["Content-Type"] = "application/json"}, bodies[i])
+end
+"""
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) of the worker's threads so far: {"lanes": s, "rest": s}."""
+    out = {"lanes": 0.0, "rest": 0.0, "rest_sys": 0.0}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1: stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        seconds = (int(fields[11]) + int(fields[12])) / TICK
+        out["lanes" if comm.startswith(LANE[:15]) else "rest"] += seconds
+        if not comm.startswith(LANE[:15]):
+            out["rest_sys"] += int(fields[12]) / TICK
+    return out
+
+
+def exited_threads_cpu(pid: int) -> float:
+    """CPU of the process as a whole (includes threads that have ended), to check the per-thread sum."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def handoff(url: str, model: str) -> tuple[float, float, dict[float, float]]:
+    """(count, sum, cumulative buckets) of embedapi_handoff_seconds for `model`."""
+    text = call("GET", url + "/metrics")[2]
+    if isinstance(text, bytes):
+        text = text.decode()
+    count = total = 0.0
+    buckets: dict[float, float] = {}
+    for line in str(text).splitlines():
+        if not line.startswith("embedapi_handoff_seconds") or f'model="{model}"' not in line:
+            continue
+        value = float(line.rsplit(" ", 1)[1])
+        if line.startswith("embedapi_handoff_seconds_count"):
+            count = value
+        elif line.startswith("embedapi_handoff_seconds_sum"):
+            total = value
+        elif "_bucket" in line:
+            le = re.search(r'le="([^"]+)"', line).group(1)  # type: ignore[union-attr]
+            buckets[float(le)] = value
+    return count, total, buckets
+
+
+def bucket_quantile(before: dict[float, float], after: dict[float, float], q: float) -> float:
+    """The upper bound of the bucket holding quantile `q` of what was observed between two scrapes."""
+    edges = sorted(after)
+    n = after[edges[-1]] - before.get(edges[-1], 0.0)
+    for le in edges:
+        if after[le] - before.get(le, 0.0) >= q * n:
+            return le
+    return float("inf")
+
+
+def wrk(port: int, lua: Path, seconds: float, clients: int = CLIENTS) -> tuple[int, int]:
+    """Run wrk; (requests completed, non-2xx or socket errors)."""
+    out = subprocess.run(["wrk", "-t2", f"-c{clients}", f"-d{seconds:g}s", "--latency", "-s", str(lua),
+                          f"http://127.0.0.1:{port}"], capture_output=True, text=True, check=True).stdout
+    done = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    bad = sum(int(x) for x in re.findall(r"Non-2xx or 3xx responses: (\d+)", out))
+    errs = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if errs:
+        bad += sum(int(x) for x in errs.groups())
+    return done, bad
+
+
+def measure(server: Any, lua: Path, seconds: float, model: str, profile: str | None) -> dict[str, float]:
+    """One wrk run against a warm server: throughput and the worker's CPU split, per request."""
+    pid = server.worker_pids()[0]
+    rss0 = bm.proc_status(pid)["VmRSS"]
+    h0 = handoff(server.url, model)
+    c0, p0 = thread_cpu(pid), exited_threads_cpu(pid)
+    spy = None
+    if profile:
+        spy = [subprocess.Popen([shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(pid), "--duration", f"{int(seconds)}",
+                                 "--rate", "250", "--format", "raw", "--output", f"{profile}-{kind}.txt",
+                                 *flags, "--nonblocking"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+               for kind, flags in (("gil", ["--gil"]), ("idle", ["--idle"]))]
+    started = time.perf_counter()
+    done, bad = wrk(server.port, lua, seconds)
+    wall = time.perf_counter() - started
+    c1, p1 = thread_cpu(pid), exited_threads_cpu(pid)
+    h1 = handoff(server.url, model)
+    rss1 = bm.proc_status(pid)["VmRSS"]
+    for proc in spy or []:
+        proc.wait(60)
+    lanes, rest = c1["lanes"] - c0["lanes"], c1["rest"] - c0["rest"]
+    ended = max(0.0, (p1 - p0) - (lanes + rest))  # threads that ended during the run: not a lane
+    n = max(1, done)
+    hn = max(1.0, h1[0] - h0[0])
+    return {"requests": done, "errors": bad, "rps": done / wall, "cpu_ms": 1000 * (p1 - p0) / n,
+            "forward_ms": 1000 * lanes / n, "rest_ms": 1000 * (rest + ended) / n,
+            "rest_sys_ms": 1000 * (c1["rest_sys"] - c0["rest_sys"]) / n,
+            "handoff_mean_ms": 1000 * (h1[1] - h0[1]) / hn,
+            "handoff_p50_le_ms": 1000 * bucket_quantile(h0[2], h1[2], 0.5),
+            "handoff_p99_le_ms": 1000 * bucket_quantile(h0[2], h1[2], 0.99),
+            "rss_start_mb": rss0 / 2**20, "rss_end_mb": rss1 / 2**20}
+
+
+def idle_p50(port: int, bodies: list[bytes], n: int = 200) -> float:
+    conn = bm.Conn(port)
+    times = []
+    for i in range(n):
+        t = time.perf_counter()
+        status, _ = conn.post("/v1/embeddings", bodies[i % len(bodies)])
+        times.append(time.perf_counter() - t)
+        assert status == 200
+    conn.close()
+    return 1000 * bm.percentile(times[20:], 50)
+
+
+def raw_figures(model_dir: Path, texts: list[str]) -> tuple[float, float]:
+    """Raw float32 encode texts/s at bs 32 (best of 3), and p50 ms of one text encoded alone."""
+    from sentence_transformers import SentenceTransformer
+    torch.set_num_threads(bm.TORCH_THREADS)
+    st = SentenceTransformer(str(model_dir), device="cpu")
+    st.encode(texts[:32], batch_size=32)
+    batch = bm.best_of(3, lambda: bm.timed(lambda: st.encode(texts[:2048], batch_size=32)))
+    single = []
+    for text in texts[:220]:
+        t = time.perf_counter()
+        st.encode([text], batch_size=1)
+        single.append(time.perf_counter() - t)
+    return min(2048, len(texts)) / batch, 1000 * bm.percentile(single[20:], 50)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=["30m", "tiny", "both"], default="both")
+    ap.add_argument("--seconds", type=float, default=15.0, help="length of each wrk run")
+    ap.add_argument("--rounds", type=int, default=1, help="wrk runs per configuration (alternated with --also)")
+    ap.add_argument("--also", action="append", default=[], metavar="VAR=VAL",
+                    help="a second server configuration, measured alternately with the default")
+    ap.add_argument("--profile", metavar="PREFIX", help="py-spy raw stacks (--gil, --idle) of the first run")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--models-dir", default=os.environ.get("EMBEDAPI_BENCH_MODELS",
+                                                            str(Path(tempfile.gettempdir()) / "embedapi-bench")))
+    args = ap.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("bench/request_path.py needs wrk: apt-get install wrk")
+
+    shapes = ["30m", "tiny"] if args.shape == "both" else [args.shape]
+    names = {"30m": "ruri-v3-30m", "tiny": "smoke-embed"}
+    paths = bm.build_models(Path(args.models_dir) / "real",
+                            {names[s]: SHAPES[s] for s in shapes if s == "30m"}) if "30m" in shapes else {}
+    if "tiny" in shapes:
+        paths.update(bm.build_models(Path(args.models_dir) / "smoke", {names["tiny"]: SHAPES["tiny"]}))
+    configs: list[tuple[str, dict[str, str]]] = [("default", {})]
+    for extra in args.also:
+        env = dict(kv.split("=", 1) for kv in extra.split(","))
+        configs.append((extra, env))
+
+    print(f"embedapi request-path benchmark: 1 worker, {bm.TORCH_THREADS} torch threads, dtype {args.dtype}, "
+          f"{os.cpu_count()} CPUs ({cpu_name()}), torch {torch.__version__}, Python {sys.version.split()[0]}; "
+          f"wrk -t2 -c{CLIENTS}, one distinct ~{TOKENS}-token text per request, {args.seconds:g} s per run")
+    rows = []
+    for shape in shapes:
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(str(paths[names[shape]]))
+        maker = bm.TextMaker(tok)
+        texts = [maker.make(TOKENS) for _ in range(20000)]
+        lengths = maker.length(texts[:500])
+        bodies = [json.dumps({"model": "bench/embed", "input": t}, ensure_ascii=False) for t in texts]
+        with tempfile.TemporaryDirectory(prefix="embedapi-rp-") as tmp:
+            data = Path(tmp) / "bodies.txt"
+            data.write_text("\n".join(bodies) + "\n", encoding="utf-8")
+            lua = Path(tmp) / "bodies.lua"
+            lua.write_text(WRK_LUA % data)
+            raw_rate, raw_single = raw_figures(paths[names[shape]], texts)
+            toml = bm.models_toml(paths, names[shape], None, args.dtype)
+            results: dict[str, list[dict[str, float]]] = {c: [] for c, _ in configs}
+            idle: dict[str, float] = {}
+            for r in range(args.rounds):
+                for label, env in configs:
+                    server = bm.start_server(toml, **env)
+                    try:
+                        if r == 0:
+                            idle[label] = idle_p50(server.port, [b.encode() for b in bodies[:200]])
+                        wrk(server.port, lua, 3)  # warm: threads started, caches filled
+                        prof = f"{args.profile}-{shape}-{label.replace('=', '_')}" if args.profile and r == 0 else None
+                        results[label].append(measure(server, lua, args.seconds, "bench/embed", prof))
+                    finally:
+                        server.stop()
+            toml.unlink()
+        for label, runs in results.items():
+            best = max(runs, key=lambda m: m["rps"])
+            rows.append((shape, label, best, raw_rate, raw_single, idle[label], np.mean(lengths), runs))
+
+    print("| shape | config | req/s | x raw fp32 bs32 | worker CPU ms/req | forward | rest (of it kernel) | hand-off mean / p50<= / "
+          "p99<= ms | idle p50 ms (raw single) | RSS start -> end MB | errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for shape, label, m, raw_rate, raw_single, idle_ms, tokens, runs in rows:
+        each = "/".join(f"{x['rps']:.0f}" for x in runs)
+        print(f"| {shape} (~{tokens:.0f} tok) | {label} | {m['rps']:.0f} ({each}) | {m['rps'] / raw_rate:.2f}x "
+              f"(raw {raw_rate:.0f}/s) | {m['cpu_ms']:.2f} | {m['forward_ms']:.2f} | {m['rest_ms']:.2f} ({m['rest_sys_ms']:.2f}) | "
+              f"{m['handoff_mean_ms']:.2f} / {m['handoff_p50_le_ms']:.1f} / {m['handoff_p99_le_ms']:.1f} | "
+              f"{idle_ms:.2f} ({raw_single:.2f}) | {m['rss_start_mb']:.0f} -> {m['rss_end_mb']:.0f} | {m['errors']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
