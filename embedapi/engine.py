@@ -76,6 +76,39 @@ def take_rows_ready() -> tuple[str, float] | None:
     return ready
 
 
+class _Signal:
+    """A one-shot event on one lock, held until `set()`: a set is one C-level release that wakes the waiter.
+
+    threading.Event runs Python code under a Condition on both sides, and its woken waiter must then take
+    that condition's lock back, which the setter may still hold: a second sleep and wake-up per request.
+    """
+
+    __slots__ = ("_lock", "_set")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+        try:
+            self._lock.release()
+        except RuntimeError:  # set twice (a failure racing a shutdown): already released
+            pass
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def wait(self, timeout: float) -> bool:
+        if self._set:
+            return True
+        if self._lock.acquire(timeout=max(0.0, timeout)):
+            self._lock.release()  # for any other waiter
+            return True
+        return self._set
+
+
 @dataclass(eq=False)
 class _Item:
     job: "Job"
@@ -100,7 +133,7 @@ class Job:
     first_pass: float | None = None
     ready_at: float | None = None  # when the last row was filled
     _left: int = 0
-    _done: threading.Event = field(default_factory=threading.Event)
+    _done: _Signal = field(default_factory=_Signal)
 
     def __post_init__(self) -> None:
         self._left = self.size
@@ -171,6 +204,7 @@ class DeviceSlots:
         self._engines: list[Engine] = []
         self._running = 0
         self._running_bulk = 0
+        self._waiting = 0  # lanes in wait() on the condition
         self._live = 0
         self._threads: list[threading.Thread] = []
 
@@ -195,8 +229,11 @@ class DeviceSlots:
     # -- the lanes ---------------------------------------------------------------------
     def _lane(self) -> None:
         _name_os_thread(LANE_THREAD_NAME)
+        done: _Pick | None = None
         while True:
             with self._cond:
+                if done is not None:  # the pass just run, accounted in the same lock section as the next pick
+                    self._finished(done)
                 while True:
                     if not self._engines and not self._ring:
                         self._live -= 1
@@ -204,18 +241,34 @@ class DeviceSlots:
                     pick = self._pick()
                     if isinstance(pick, _Pick):
                         break
+                    self._waiting += 1
                     self._cond.wait(pick)  # None: until notified; a float: for company
+                    self._waiting -= 1
             now = time.monotonic()
             for job in pick.first:
                 job.engine.observer.request_queued(job.engine.name, now - job.submitted)  # type: ignore[union-attr]
             try:
                 pick.engine._run(pick.batch, pick.threads)
-            finally:
+            except BaseException:
                 with self._cond:
-                    self._running -= 1
-                    self._running_bulk -= pick.bulk
-                    pick.engine._running -= 1
-                    self._cond.notify_all()
+                    self._finished(pick)
+                raise
+            done = pick
+
+    def _finished(self, pick: _Pick) -> None:
+        """Lock held: a pass has ended. The lane that ran it picks the next one itself, so no other lane is
+        woken for the slot it frees; only a stopping engine (waiting for its passes to end) is told."""
+        self._running -= 1
+        self._running_bulk -= pick.bulk
+        pick.engine._running -= 1
+        if pick.engine._stopping or not self._engines:
+            self._cond.notify_all()
+
+    def wake_for(self, bulk: bool) -> None:
+        """Lock held: new work of this kind arrived; wake one waiting lane if a pass of it may start now
+        (a lane waiting for company wakes at its deadline anyway, a busy one picks when its pass ends)."""
+        if self._waiting and self._allowed()[0 if bulk else 1]:
+            self._cond.notify()
 
     def _drop_cancelled(self) -> None:
         for job in [j for j in self._ring if j.cancelled]:
@@ -350,7 +403,7 @@ class Engine:
             self._queued_tokens += tokens
             self._pending_items += len(job.pending)
             self.observer.queue_depth(self.name, self._queued_tokens)
-            cond.notify()
+            self.slots.wake_for(job.bulk)
         return job
 
     @property
