@@ -74,6 +74,7 @@ class Metrics:
                                   "Seconds this worker took to load and warm the model (one series per worker).",
                                   ["model", "kind"], multiprocess_mode="liveall", registry=r)
         self._request_series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._model_series: dict[str, tuple[Any, ...]] = {}
         self.models_loaded = Gauge("embedapi_models_loaded", "Models loaded and warmed in this worker (per worker).",
                                    ["device"], multiprocess_mode="liveall", registry=r)
 
@@ -96,21 +97,31 @@ class Metrics:
         series.observe(max(0.0, seconds))
 
     # -- engine (BatchObserver) ------------------------------------------------------------
+    def _of(self, model: str) -> tuple[Any, ...]:
+        """The per-model series, looked up once per model (a label lookup costs more than the update)."""
+        series = self._model_series.get(model)
+        if series is None:
+            series = self._model_series[model] = tuple(m.labels(model) for m in (
+                self.batch_size, self.batch_tokens, self.tokens, self.padding, self.items, self.queue_seconds,
+                self.inference_seconds, self.queue_tokens, self.request_queue_seconds))
+        return series
+
     def batch_done(self, model: str, size: int, padded_tokens: int, real_tokens: int,
                    queue_seconds: float, inference_seconds: float) -> None:
-        self.batch_size.labels(model).observe(size)
-        self.batch_tokens.labels(model).observe(padded_tokens)
-        self.tokens.labels(model).inc(real_tokens)
-        self.padding.labels(model).inc(max(0, padded_tokens - real_tokens))
-        self.items.labels(model).inc(size)
-        self.queue_seconds.labels(model).observe(max(0.0, queue_seconds))
-        self.inference_seconds.labels(model).observe(inference_seconds)
+        sizes, tokens_per_batch, tokens, padding, items, queue, inference = self._of(model)[:7]
+        sizes.observe(size)
+        tokens_per_batch.observe(padded_tokens)
+        tokens.inc(real_tokens)
+        padding.inc(max(0, padded_tokens - real_tokens))
+        items.inc(size)
+        queue.observe(max(0.0, queue_seconds))
+        inference.observe(inference_seconds)
 
     def queue_depth(self, model: str, tokens: int) -> None:
-        self.queue_tokens.labels(model).set(tokens)
+        self._of(model)[7].set(tokens)
 
     def request_queued(self, model: str, seconds: float) -> None:
-        self.request_queue_seconds.labels(model).observe(max(0.0, seconds))
+        self._of(model)[8].observe(max(0.0, seconds))
 
     # -- registry ----------------------------------------------------------------------------
     def model_loaded(self, model: str, kind: str, device: str, seconds: float) -> None:
