@@ -6,6 +6,7 @@ import json
 import logging
 import re
 import sys
+import time
 
 # Control characters (C0, DEL, C1) and the Unicode line separators: in a text log a client's "\n" in a path
 # would start a forged line of its own and "\x1b[" would drive the operator's terminal, so they are written as
@@ -21,13 +22,31 @@ def _escape_one(match: re.Match[str]) -> str:
 
 def escape_controls(text: str) -> str:
     """`text` with its control characters written as backslash escapes (one log line stays one line)."""
+    if text.isprintable():  # every character _CONTROL matches is non-printable: nothing to escape (the usual case)
+        return text
     return _CONTROL.sub(_escape_one, text)
+
+
+class _SecondCache:
+    """formatTime with the date and time formatted once per second (every access line asks for it)."""
+
+    _second: tuple[int, str] = (-1, "")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if datefmt:
+            return super().formatTime(record, datefmt)  # type: ignore[misc]
+        second = int(record.created)
+        cached = self._second
+        if cached[0] != second:
+            cached = self._second = (second, time.strftime(logging.Formatter.default_time_format,
+                                                           self.converter(record.created)))  # type: ignore[attr-defined]
+        return logging.Formatter.default_msec_format % (cached[1], record.msecs)
 
 
 _FIELDS = ("request_id", "method", "path", "status", "duration_ms", "model", "items", "tokens")
 
 
-class JsonFormatter(logging.Formatter):
+class JsonFormatter(_SecondCache, logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
                "pid": record.process, "message": record.getMessage()}
@@ -37,7 +56,7 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False)
 
 
-class TextFormatter(logging.Formatter):
+class TextFormatter(_SecondCache, logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
 
