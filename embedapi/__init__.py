@@ -13,6 +13,24 @@ __all__ = ["create_app"]
 __version__ = "0.1.0"
 
 
+class _App(Flask):
+    """Flask, asking once per function whether a view or hook is a coroutine: Flask.ensure_sync asks
+    `inspect` on every call, for the view and each before/after hook of every request."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._sync: dict[Any, Any] = {}
+
+    def ensure_sync(self, func: Any) -> Any:
+        try:
+            return self._sync[func]
+        except KeyError:
+            wrapped = self._sync[func] = super().ensure_sync(func)
+            return wrapped
+        except TypeError:  # an unhashable callable
+            return super().ensure_sync(func)
+
+
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     """Build the WSGI app. `config` overrides Settings fields (lower-case names, e.g. models_file).
 
@@ -28,7 +46,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     settings = Settings.from_env(**dict(config or {}))
     logs.configure(settings.log_format, settings.log_level)
     # The app's only static files are Swagger UI's, for /docs (embedapi/api/openapi.py says why).
-    app = Flask(__name__, static_folder=openapi.SWAGGER_UI_DIR, static_url_path=openapi.DOCS_ASSETS_URL)
+    app = _App(__name__, static_folder=openapi.SWAGGER_UI_DIR, static_url_path=openapi.DOCS_ASSETS_URL)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     metrics = Metrics()
     registry = Registry(settings, observer=metrics)

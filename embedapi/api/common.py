@@ -46,7 +46,7 @@ def state() -> AppState:
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     """orjson straight from numpy rows: no per-float Python objects."""
     return Response(orjson.dumps(body, option=JSON_OPTIONS), status=status, headers=headers,
-                    mimetype="application/json")
+                    content_type="application/json")
 
 
 def read_json() -> dict[str, Any]:
