@@ -197,6 +197,7 @@ def main() -> int:
                     help="a second server configuration, measured alternately with the default")
     ap.add_argument("--profile", metavar="PREFIX", help="py-spy raw stacks (--gil, --idle) of the first run")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--tokens", type=int, default=TOKENS, help="tokens per text (special tokens included)")
     ap.add_argument("--models-dir", default=os.environ.get("EMBEDAPI_BENCH_MODELS",
                                                             str(Path(tempfile.gettempdir()) / "embedapi-bench")))
     args = ap.parse_args()
@@ -216,13 +217,13 @@ def main() -> int:
 
     print(f"embedapi request-path benchmark: 1 worker, {bm.TORCH_THREADS} torch threads, dtype {args.dtype}, "
           f"{os.cpu_count()} CPUs ({cpu_name()}), torch {torch.__version__}, Python {sys.version.split()[0]}; "
-          f"wrk -t2 -c{CLIENTS}, one distinct ~{TOKENS}-token text per request, {args.seconds:g} s per run")
+          f"wrk -t2 -c{CLIENTS}, one distinct ~{args.tokens}-token text per request, {args.seconds:g} s per run")
     rows = []
     for shape in shapes:
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(str(paths[names[shape]]))
         maker = bm.TextMaker(tok)
-        texts = [maker.make(TOKENS) for _ in range(20000)]
+        texts = [maker.make(args.tokens) for _ in range(20000)]
         lengths = maker.length(texts[:500])
         bodies = [json.dumps({"model": "bench/embed", "input": t}, ensure_ascii=False) for t in texts]
         with tempfile.TemporaryDirectory(prefix="embedapi-rp-") as tmp:
