@@ -49,6 +49,7 @@ SETTINGS_ENV: dict[str, tuple[str, str]] = {
     "trace": ("EMBEDAPI_TRACE", "CPU: run transformers traced to TorchScript when they match eager"),
     "backend": ("EMBEDAPI_BACKEND", "auto: OpenVINO on CPU if it passes the parity check, else torch"),
     "conversion_cache": ("EMBEDAPI_CONVERSION_CACHE", "$HF_HOME/embedapi/openvino; off: no cache"),
+    "openvino_max_tokens": ("EMBEDAPI_OPENVINO_MAX_TOKENS", "wider batches run on torch; 0: all on OpenVINO"),
     "log_format": ("EMBEDAPI_LOG_FORMAT", ""),
     "log_level": ("EMBEDAPI_LOG_LEVEL", ""),
 }

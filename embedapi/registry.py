@@ -206,7 +206,8 @@ class Registry:
         cache = self.settings.conversion_cache
         loaded = backends.load_runner(spec, device, spec.backend or self.settings.backend, trace=self.settings.trace,
                                       threads=self._threads, streams=self._streams,
-                                      cache_root=None if cache.strip().lower() == "off" else cache)
+                                      cache_root=None if cache.strip().lower() == "off" else cache,
+                                      openvino_max_tokens=self.settings.openvino_max_tokens)
         model, runner, dtype, attention = loaded.model, loaded.runner, loaded.dtype, loaded.attention
         encoder = TextEncoder(model.tokenizer, runner.max_seq_length)
         s = self.settings
@@ -227,8 +228,12 @@ class Registry:
             lambda texts: engine.submit([encoder.single(i) for i in encoder.ids(texts)]).wait(600),
             resolve_prompts(spec.id, spec.prompts)[1].values())
         seconds = time.monotonic() - started
-        how = (f"conversion cache {runner.cache}" if loaded.backend == "openvino"
-               else "traced" if runner.traced else "eager")
+        how = "traced" if runner.traced else "eager"
+        if loaded.backend == "openvino":
+            long = runner.long
+            how = f"conversion cache {runner.cache}, " + (
+                f"batches over {runner.max_tokens} tokens on torch {'traced' if long.traced else 'eager'}"
+                if long is not None else "every batch on OpenVINO")
         log.info("loaded %s in %.1fs (backend %s, dtype %s, attention %s, max_seq_length %d, batch budget %d tokens, "
                  "%s)", spec.id, seconds, loaded.backend, backend.dtype_name(dtype), attention, encoder.max_seq_length,
                  budget, how)

@@ -81,6 +81,15 @@ def test_float32_on_openvino_is_encode_and_predict(f32, st_model, ce_model):
         EMBED: ("openvino", "float32"), RERANK: ("openvino", "float32")}
 
 
+def test_batches_wider_than_the_openvino_limit_run_on_torch_and_are_still_encode(f32, st_model):
+    runner = f32.models[EMBED].engine.runner.inner
+    assert runner.max_tokens == 256 and runner.long.backend == "torch" and runner.long.traced
+    texts = ["川沿いの道を歩いて図書館まで行きました。" * 30, TEXTS[0]]  # ~600 tokens: over the limit
+    assert len(st_model.tokenizer(texts[0])["input_ids"]) > 256
+    want = st_model.encode(texts, batch_size=2, normalize_embeddings=False)
+    np.testing.assert_allclose(_embed(f32, texts), want, rtol=0, atol=1e-5)
+
+
 def test_bfloat16_keeps_cosine_and_scores_and_reuses_the_float32_conversion(f32, model_dirs, cache, st_model,
                                                                              ce_model, tmp_path, caplog):
     with caplog.at_level(logging.INFO):

@@ -51,10 +51,13 @@ def choose(requested: str, device: str, dtype_name: str, model_id: str) -> str:
 
 
 def load_runner(spec: ModelSpec, device: str, requested: str, *, trace: bool, threads: int, streams: int,
-                cache_root: str | None) -> Loaded:
+                cache_root: str | None, openvino_max_tokens: int = 0) -> Loaded:
     """Load `spec` and build its runner on the backend `choose` picks. `auto` falls back to torch (the reason
     logged) when OpenVINO is missing or its conversion fails the parity check; an explicit `openvino` raises
-    ConfigError instead, as serving other vectors than asked for would be a silent surprise."""
+    ConfigError instead, as serving other vectors than asked for would be a silent surprise.
+
+    With `openvino_max_tokens` > 0, batches wider than that run on a torch runner of the same model (kept in
+    the serving dtype); with 0 every batch runs on OpenVINO and the torch transformer is freed."""
     dtype = pytorch.pick_dtype(spec.dtype, device, spec.kind)  # from this device's own capability
     name = pytorch.dtype_name(dtype)
     picked = choose(requested, device, name, spec.id)
@@ -68,13 +71,20 @@ def load_runner(spec: ModelSpec, device: str, requested: str, *, trace: bool, th
         else:
             model = pytorch.load(spec, device, pytorch.torch.float32, "sdpa")  # converted and checked in float32
             attention = pytorch.attention_of(model)
+            same = dtype == pytorch.torch.float32 and openvino_max_tokens > 0  # torch serves long ones from it
             try:
-                runner = openvino_runner.convert(model, spec, dtype, threads, streams, cache_root)
-                return Loaded(runner, model, dtype, attention, "openvino")
+                runner = openvino_runner.convert(model, spec, dtype, threads, streams, cache_root, free_torch=not same)
             except openvino_runner.NotConverted as exc:
                 note = str(exc)
             except Exception as exc:  # an exporter or runtime failure: torch is always correct
                 note = f"conversion failed ({type(exc).__name__}: {exc})"
+            else:
+                if openvino_max_tokens > 0:
+                    long_model = model if same else pytorch.load(spec, device, dtype,
+                                                                 pytorch.pick_attention(device, dtype))
+                    runner.long = pytorch.TorchRunner(long_model, device, dtype, spec.kind, trace=trace)
+                    runner.max_tokens = openvino_max_tokens
+                return Loaded(runner, model, dtype, attention, "openvino")
             del model
         if requested == "openvino":
             raise ConfigError(f"{spec.id}: backend = \"openvino\" cannot serve it: {note}; "

@@ -209,6 +209,11 @@ class OpenVINORunner:
         self.default_batch_tokens = pytorch.CPU_BATCH_TOKENS
         self.cache = cache  # "hit" | "built" | "rebuilt" | "off" (not cached: no key or no writable cache)
         self.traced = False  # TorchScript is the torch runner's; kept for the load log and describe()
+        # Batches wider than `max_tokens` run on `long` (a TorchRunner) when it is set: the exported attention
+        # is materialised (batch x heads x length^2), which at thousands of tokens costs gigabytes and runs
+        # slower than torch's fused kernel (docs/backends.md).
+        self.long: Any = None
+        self.max_tokens = 0
         self._local = threading.local()
 
     def _request(self) -> Any:
@@ -218,6 +223,8 @@ class OpenVINORunner:
         return request
 
     def run(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
+        if self.long is not None and max(len(s) for s in batch) > self.max_tokens:
+            return self.long.run(batch)
         ids, mask, types = pytorch.pad_batch(batch, self.pad_id, self.token_types)
         arrays = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
         result = self._request().infer({n: arrays[n] for n in self.names})
@@ -241,10 +248,15 @@ class NotConverted(Exception):
 
 
 def _compile(core: Any, xml: Path, dtype: torch.dtype, threads: int, streams: int) -> Any:
+    """One stream per pass the engine may run at once (its lanes and spare lane), each on its own InferRequest.
+    OpenVINO gives a stream at least one thread and never more streams than threads, so a worker with fewer
+    threads than passes gets one thread per stream (oversubscribed, as torch's spare lane is); threads are not
+    pinned, as several workers may share the cores."""
+    streams = max(1, streams)
     config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": _PRECISION[pytorch.dtype_name(dtype)],
-                              "NUM_STREAMS": max(1, streams), "ENABLE_CPU_PINNING": False}
+                              "NUM_STREAMS": streams, "ENABLE_CPU_PINNING": False}
     if threads > 0:
-        config["INFERENCE_NUM_THREADS"] = threads
+        config["INFERENCE_NUM_THREADS"] = max(threads, streams)
     return core.compile_model(core.read_model(str(xml)), "CPU", config)
 
 
@@ -267,10 +279,11 @@ def _rows_differ(kind: str, got: np.ndarray, want: np.ndarray, dtype: torch.dtyp
 
 
 def convert(model: Any, spec: ModelSpec, dtype: torch.dtype, threads: int, streams: int,
-            cache_root: str | None) -> OpenVINORunner:
+            cache_root: str | None, free_torch: bool = True) -> OpenVINORunner:
     """An OpenVINORunner for a float32 sentence-transformers `model`, from the cache or exported now, checked
-    against torch float32 eager; NotConverted (with the reason) when it cannot serve faithfully. On success
-    the torch copy of the transformer is freed (the tokenizer and the modules after it stay)."""
+    against torch float32 eager; NotConverted (with the reason) when it cannot serve faithfully. On success,
+    with `free_torch`, the torch copy of the transformer is freed (the tokenizer and the modules after it
+    stay)."""
     import openvino as ov
 
     if pytorch.dtype_name(dtype) not in _PRECISION:
@@ -345,6 +358,8 @@ def convert(model: Any, spec: ModelSpec, dtype: torch.dtype, threads: int, strea
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)  # compiled models hold their weights: files not needed
     assert runner is not None
+    if not free_torch:
+        return runner
     first.model = None  # the torch copy of the transformer: its weights now live in the compiled model
     del hf_model, reference
     gc.collect()
