@@ -190,9 +190,11 @@ def test_backend_settings_are_validated_and_the_entry_wins(tmp_path):
     assert Settings.from_env({"EMBEDAPI_CONVERSION_CACHE": "/x"}).conversion_cache == "/x"
 
 
-def test_the_default_app_serves_on_openvino_and_says_so(app):
+def test_models_say_which_backend_serves_them(app):
     data = app.test_client().get("/v1/models").json["data"]
-    assert {(m["backend"], m["dtype"]) for m in data} == {("openvino", "float32")}
+    default = Settings.from_env({}).backend  # torch until OpenVINO's memory stays bounded (docs/backends.md)
+    want = "openvino" if default == "auto" else default
+    assert {(m["backend"], m["dtype"]) for m in data} == {(want, "float32")}
 
 
 def test_an_openvino_pass_releases_the_gil(f32):

@@ -40,6 +40,7 @@ BF16_MIN_COSINE = 0.9999  # embeddings in bfloat16: every row's cosine to torch 
 BF16_MAX_SCORE_DELTA = 2e-3  # rerank in bfloat16: |score - torch float32 score| after the activation
 _PRECISION = {"float32": "f32", "bfloat16": "bf16"}
 _CHECK_SHAPES = ((1, 5), (3, 150), (2, 300))  # around and past ModernBERT's 128-token local window
+RUNTIME_CACHE_SHAPES = 32  # OpenVINO CPU plugin's kernel cache, in input shapes (its default: 5000)
 _SKIP_DIRS = {"onnx", "openvino"}  # exports shipped with a hub repo: not what is converted here
 
 
@@ -251,10 +252,12 @@ def _compile(core: Any, xml: Path, dtype: torch.dtype, threads: int, streams: in
     """One stream per pass the engine may run at once (its lanes and spare lane), each on its own InferRequest.
     OpenVINO gives a stream at least one thread and never more streams than threads, so a worker with fewer
     threads than passes gets one thread per stream (oversubscribed, as torch's spare lane is); threads are not
-    pinned, as several workers may share the cores."""
+    pinned, as several workers may share the cores. The plugin's per-shape kernel cache is kept small: at its
+    default (5000 shapes) a worker seeing many batch shapes grew by hundreds of MB a minute (tests/test_soak.py)."""
     streams = max(1, streams)
     config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": _PRECISION[pytorch.dtype_name(dtype)],
-                              "NUM_STREAMS": streams, "ENABLE_CPU_PINNING": False}
+                              "NUM_STREAMS": streams, "ENABLE_CPU_PINNING": False,
+                              "CPU_RUNTIME_CACHE_CAPACITY": RUNTIME_CACHE_SHAPES}
     if threads > 0:
         config["INFERENCE_NUM_THREADS"] = max(threads, streams)
     return core.compile_model(core.read_model(str(xml)), "CPU", config)
