@@ -180,6 +180,16 @@ def test_backend_choice_by_device_and_dtype():
         backends.choose("openvino", "cpu", "float16", "m")
 
 
+def test_cpu_rerankers_stay_float32_under_auto_and_gpus_keep_their_choice(monkeypatch):
+    monkeypatch.setattr(pytorch, "cpu_has_native_bf16", lambda: True)
+    assert pytorch.pick_dtype("auto", "cpu", "embedding") is pytorch.torch.bfloat16
+    assert pytorch.pick_dtype("auto", "cpu", "rerank") is pytorch.torch.float32  # bfloat16 moved scores > 2e-3
+    assert pytorch.pick_dtype("bfloat16", "cpu", "rerank") is pytorch.torch.bfloat16  # asked for: as asked
+    monkeypatch.setattr(pytorch, "cuda_capability", lambda device: (8, 0))
+    monkeypatch.setattr(pytorch.torch.version, "hip", None)
+    assert pytorch.pick_dtype("auto", "cuda:0", "rerank") is pytorch.torch.bfloat16  # the GPU path unchanged
+
+
 def test_backend_settings_are_validated_and_the_entry_wins(tmp_path):
     with pytest.raises(ConfigError, match="EMBEDAPI_BACKEND must be one of auto, torch, openvino, not 'onnx'"):
         Settings.from_env({"EMBEDAPI_BACKEND": "onnx"})

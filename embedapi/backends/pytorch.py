@@ -1,7 +1,7 @@
 """The torch side: device and dtype choice, loading, warm-up and guarded forward passes on token ids.
 
-Only the modules of this package import torch and sentence-transformers (openvino_runner.py: OpenVINO). The forward pass feeds the ids the service
-already made to the model's own modules (nothing is tokenized twice; the result is what
+Only the modules of this package import torch and sentence-transformers (openvino_runner.py: OpenVINO).
+The forward pass feeds the ids the service already made to the model's own modules (nothing is tokenized twice; the result is what
 `SentenceTransformer.encode` / `CrossEncoder.predict` compute). `GuardedRunner` contains GPU faults:
 out-of-memory batches are split, non-finite rows fail their batch, a broken CUDA context is reported.
 Measurements behind the tuning here: docs/benchmarks.md.
