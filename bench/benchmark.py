@@ -53,9 +53,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ORIGINAL_ENV = dict(os.environ)
 if "--raw-probe" not in sys.argv:
-    # Raw references run with the server's process settings (embedapi.backend sets its OpenMP wait policy
+    # Raw references run with the server's process settings (embedapi.backends.pytorch sets its OpenMP wait policy
     # before torch loads); a `--raw-probe` subprocess measures (1) again with torch's own defaults.
-    import embedapi.backend  # noqa: E402,F401
+    import embedapi.backends.pytorch  # noqa: E402,F401
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -336,7 +336,7 @@ def forward_ceiling(model_dir: Path, texts: list[str], dtype: torch.dtype, secon
     """The server's own forward pass alone (traced runner, no HTTP, no queue): two 1-thread passes side
     by side, as the default worker's two lanes under load, at batch sizes 8/16/32. Returns the best
     texts/s and its batch size: what (2) could reach if request handling cost nothing."""
-    from embedapi import backend
+    from embedapi.backends import pytorch as backend
     from embedapi.config import ModelSpec
     model = backend.load(ModelSpec(id="ceiling", source=str(model_dir), kind="embedding"), "cpu")
     runner = backend.TorchRunner(model, "cpu", dtype, "embedding", trace=True)
@@ -650,7 +650,7 @@ def main() -> int:
         toml_a.unlink()
 
     # the table --------------------------------------------------------------------------------
-    from embedapi.backend import cpu_has_native_bf16  # loaded at the top already (not in --raw-probe)
+    from embedapi.backends.pytorch import cpu_has_native_bf16  # loaded at the top already (not in --raw-probe)
     mode = "smoke" if smoke else ("quick" if quick else "full")
     header = (f"embedapi benchmark: {mode} run, "
               f"embedding model ruri-v3-30m shape{' (smoke: tiny)' if smoke else ''}, 1 worker, "

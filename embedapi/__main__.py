@@ -47,6 +47,9 @@ SETTINGS_ENV: dict[str, tuple[str, str]] = {
     "query_lanes": ("EMBEDAPI_QUERY_LANES", "-1: 1 on CPU, 0 on GPU (extra passes beside bulk work)"),
     "busy_wait_ms": ("EMBEDAPI_BUSY_WAIT_MS", "while bulk runs, other passes start at most this often"),
     "trace": ("EMBEDAPI_TRACE", "CPU: run transformers traced to TorchScript when they match eager"),
+    "backend": ("EMBEDAPI_BACKEND", "torch; auto: OpenVINO on CPU if it passes the parity check, else torch"),
+    "conversion_cache": ("EMBEDAPI_CONVERSION_CACHE", "$HF_HOME/embedapi/openvino; off: no cache"),
+    "openvino_max_tokens": ("EMBEDAPI_OPENVINO_MAX_TOKENS", "wider batches run on torch; 0: all on OpenVINO"),
     "log_format": ("EMBEDAPI_LOG_FORMAT", ""),
     "log_level": ("EMBEDAPI_LOG_LEVEL", ""),
 }
@@ -82,7 +85,8 @@ def _model_row(spec: ModelSpec) -> dict[str, Any]:
         "id": spec.id, "kind": spec.kind, "source": spec.source,
         "source_type": "local directory" if _is_local(spec.source) else "hub",
         "revision": spec.revision, "prompt_preset": preset if spec.kind == "embedding" else None,
-        "max_seq_length": spec.max_seq_length, "dtype": spec.dtype, "normalize": spec.normalize,
+        "max_seq_length": spec.max_seq_length, "dtype": spec.dtype, "backend": spec.backend or "(EMBEDAPI_BACKEND)",
+        "normalize": spec.normalize,
         "aliases": list(spec.aliases), "matryoshka_dimensions": list(spec.matryoshka_dimensions),
     }
 
@@ -124,7 +128,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     print(f"\nmodels ({config['models_source']}):")
     for m in config["models"]:
         extras = [f"source={m['source']} ({m['source_type']})", f"revision={m['revision'] or 'default'}",
-                  f"dtype={m['dtype']}", f"max_seq_length={m['max_seq_length'] or 'model default'}"]
+                  f"dtype={m['dtype']}", f"backend={m['backend']}", f"max_seq_length={m['max_seq_length'] or 'model default'}"]
         if m["prompt_preset"]:
             extras.append(f"prompts={m['prompt_preset']}")
         if m["aliases"]:

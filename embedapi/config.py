@@ -12,6 +12,7 @@ from .errors import ConfigError
 
 MODEL_KINDS = ("embedding", "rerank")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+BACKENDS = ("auto", "torch", "openvino")
 
 DEFAULT_MODELS: tuple[dict[str, Any], ...] = (
     {"id": "cl-nagoya/ruri-v3-30m", "kind": "embedding"},
@@ -36,6 +37,7 @@ class ModelSpec:
     matryoshka_dimensions: tuple[int, ...] = ()
     instruction_template: str = "{instruction}"
     trust_remote_code: bool = False
+    backend: str | None = None  # auto | torch | openvino; None: EMBEDAPI_BACKEND decides
 
     @classmethod
     def from_mapping(cls, entry: Mapping[str, Any], where: str) -> "ModelSpec":
@@ -52,6 +54,9 @@ class ModelSpec:
         dtype = entry.get("dtype", "auto")
         if dtype not in DTYPES:
             raise ConfigError(f"{where}: dtype must be one of {DTYPES}, not {dtype!r}")
+        backend = entry.get("backend")
+        if backend is not None and backend not in BACKENDS:
+            raise ConfigError(f"{where}: backend must be one of {BACKENDS}, not {backend!r}")
         prompts = entry.get("prompts")
         if prompts is not None and not isinstance(prompts, (str, dict)):
             raise ConfigError(f"{where}: prompts must be a preset name or a table of input_type = prefix")
@@ -74,6 +79,7 @@ class ModelSpec:
             matryoshka_dimensions=tuple(int(d) for d in entry.get("matryoshka_dimensions", ())),
             instruction_template=template,
             trust_remote_code=bool(entry.get("trust_remote_code", False)),
+            backend=backend,
         )
 
 
@@ -110,6 +116,13 @@ def normalize_device(raw: str, name: str = "EMBEDAPI_DEVICE") -> str:
     if device.startswith("cuda:") and index.isdigit():
         return f"cuda:{int(index)}"
     raise ConfigError(f"{name} must be auto, cpu, cuda, cuda:N or mps, not {raw!r}")
+
+
+def default_conversion_cache(env: Mapping[str, str]) -> str:
+    """Beside the Hugging Face cache (HF_HOME, as huggingface_hub resolves it), so a volume keeps both."""
+    hf_home = env.get("HF_HOME", "").strip() or os.path.join(
+        env.get("XDG_CACHE_HOME", "").strip() or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface")
+    return os.path.join(os.path.expanduser(hf_home), "embedapi", "openvino")
 
 
 def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
@@ -186,6 +199,11 @@ class Settings:
     query_lanes: int = -1  # extra passes for non-bulk work while bulk holds the others; -1: CPU 1, else 0
     busy_wait_ms: float = 200.0  # while bulk work runs, other passes start at most this often (and batch)
     trace: bool = True  # CPU: run each transformer traced to TorchScript (GIL released), if it matches eager
+    # auto | torch | openvino; a model entry's `backend` wins. torch until OpenVINO's worker memory stays bounded
+    # under many batch shapes (tests/test_soak.py grew +300 MiB a minute on it; docs/backends.md)
+    backend: str = "torch"
+    conversion_cache: str = ""  # OpenVINO IR cache directory; "" = beside the Hugging Face cache; "off": none
+    openvino_max_tokens: int = 256  # wider batches of an OpenVINO model run on torch (0: all on OpenVINO)
     log_format: str = "text"
     log_level: str = "INFO"
 
@@ -200,6 +218,9 @@ class Settings:
         log_format = env.get("EMBEDAPI_LOG_FORMAT", "text").strip().lower() or "text"
         if log_format not in ("text", "json"):
             raise ConfigError(f"EMBEDAPI_LOG_FORMAT must be text or json, not {log_format!r}")
+        backend = env.get("EMBEDAPI_BACKEND", "torch").strip().lower() or "torch"
+        if backend not in BACKENDS:
+            raise ConfigError(f"EMBEDAPI_BACKEND must be one of {', '.join(BACKENDS)}, not {backend!r}")
         values: dict[str, Any] = dict(
             models=load_model_specs(models_file),
             models_file=models_file,
@@ -228,6 +249,9 @@ class Settings:
             query_lanes=_env_int(env, "EMBEDAPI_QUERY_LANES", -1),
             busy_wait_ms=_env_float(env, "EMBEDAPI_BUSY_WAIT_MS", 200.0),
             trace=_env_bool(env, "EMBEDAPI_TRACE", True),
+            backend=backend,
+            openvino_max_tokens=_env_int(env, "EMBEDAPI_OPENVINO_MAX_TOKENS", 256),
+            conversion_cache=env.get("EMBEDAPI_CONVERSION_CACHE", "").strip() or default_conversion_cache(env),
             log_format=log_format,
             log_level=env.get("EMBEDAPI_LOG_LEVEL", "INFO").strip().upper() or "INFO",
         )

@@ -36,6 +36,7 @@ class LoadedModel:
     activation: Callable[[np.ndarray], np.ndarray]
     attention: str = "unknown"
     quantizer: Quantizer | None = None  # embedding models: the fixed int8/uint8 step (quantize.py)
+    backend: str = "torch"  # what runs the forward pass: "torch" | "openvino" (backends/)
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class Registry:
         self._lock = threading.Lock()
         self._settled = threading.Event()  # set once loading has ended, ready or failed
         self._slots: DeviceSlots | None = None
+        self._threads, self._streams = 0, 1  # the worker's threads, and the passes that may run at once
         # Called (with the reason) when this process can no longer serve: its models failed to load, or its
         # CUDA context broke. Gunicorn's post_fork sets it to make the worker exit (with a back-off) so the
         # master starts a replacement; without it the process stays and answers 503.
@@ -172,7 +174,8 @@ class Registry:
 
     def _load(self, device: str | None, threads: int) -> None:
         try:
-            from . import backend  # torch is imported only once models are really loaded
+            from . import backends  # torch (and OpenVINO) are imported only once models are really loaded
+            from .backends import pytorch as backend
 
             self.device = backend.pick_device(device or self.settings.device)
             log.info("%s", backend.runtime_summary(self.device))
@@ -186,8 +189,9 @@ class Registry:
             spare = self.settings.query_lanes if self.settings.query_lanes >= 0 else int(self.device == "cpu")
             self._slots = DeviceSlots(lanes, in_effect if self.device == "cpu" else 0,
                                       spare if self.settings.batching else 0, self.settings.busy_wait_ms)
+            self._threads, self._streams = in_effect, lanes + (spare if self.settings.batching else 0)
             for entry in self.entries.values():
-                self.models[entry.spec.id] = self._load_one(backend, entry.spec, self.device)
+                self.models[entry.spec.id] = self._load_one(backends, backend, entry.spec, self.device)
         except Exception as exc:
             self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"  # for the log, never a client
             raise
@@ -196,13 +200,15 @@ class Registry:
         finally:
             self._settled.set()
 
-    def _load_one(self, backend: Any, spec: ModelSpec, device: str) -> LoadedModel:
+    def _load_one(self, backends: Any, backend: Any, spec: ModelSpec, device: str) -> LoadedModel:
         started = time.monotonic()
         log.info("loading %s model %s from %s on %s", spec.kind, spec.id, spec.source, device)
-        dtype = backend.pick_dtype(spec.dtype, device)  # from this device's own capability, before loading
-        model = backend.load(spec, device, dtype, backend.pick_attention(device, dtype))
-        attention = backend.attention_of(model)
-        runner = backend.TorchRunner(model, device, dtype, spec.kind, trace=self.settings.trace)
+        cache = self.settings.conversion_cache
+        loaded = backends.load_runner(spec, device, spec.backend or self.settings.backend, trace=self.settings.trace,
+                                      threads=self._threads, streams=self._streams,
+                                      cache_root=None if cache.strip().lower() == "off" else cache,
+                                      openvino_max_tokens=self.settings.openvino_max_tokens)
+        model, runner, dtype, attention = loaded.model, loaded.runner, loaded.dtype, loaded.attention
         encoder = TextEncoder(model.tokenizer, runner.max_seq_length)
         s = self.settings
         budget = s.max_batch_tokens or runner.default_batch_tokens
@@ -222,13 +228,19 @@ class Registry:
             lambda texts: engine.submit([encoder.single(i) for i in encoder.ids(texts)]).wait(600),
             resolve_prompts(spec.id, spec.prompts)[1].values())
         seconds = time.monotonic() - started
-        log.info("loaded %s in %.1fs (dtype %s, attention %s, max_seq_length %d, batch budget %d tokens, %s)",
-                 spec.id, seconds, backend.dtype_name(dtype), attention, encoder.max_seq_length, budget,
-                 "traced" if runner.traced else "eager")
+        how = "traced" if runner.traced else "eager"
+        if loaded.backend == "openvino":
+            long = runner.long
+            how = f"conversion cache {runner.cache}, " + (
+                f"batches over {runner.max_tokens} tokens on torch {'traced' if long.traced else 'eager'}"
+                if long is not None else "every batch on OpenVINO")
+        log.info("loaded %s in %.1fs (backend %s, dtype %s, attention %s, max_seq_length %d, batch budget %d tokens, "
+                 "%s)", spec.id, seconds, loaded.backend, backend.dtype_name(dtype), attention, encoder.max_seq_length,
+                 budget, how)
         if self.observer is not None:
             self.observer.model_loaded(spec.id, spec.kind, device, seconds)
         return LoadedModel(spec, encoder, engine, dims, device, backend.dtype_name(dtype), seconds,
-                           backend.activation(model), attention, quantizer)
+                           backend.activation(model), attention, quantizer, loaded.backend)
 
     def shutdown(self, drain: bool = True) -> None:
         """Stop every engine; with `drain`, queued work is finished first."""
@@ -253,6 +265,7 @@ class Registry:
                 "ready": loaded is not None,
                 "device": loaded.device if loaded else None,
                 "dtype": loaded.dtype if loaded else None,
+                "backend": loaded.backend if loaded else None,
                 "attention": loaded.attention if loaded else None,
             })
         return out

@@ -68,6 +68,14 @@ dtype = "float32"
 """
 
 
+@pytest.fixture(scope="session", autouse=True)
+def conversion_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """OpenVINO conversions go to a session directory (servers started by tests inherit it), never ~/.cache."""
+    path = tmp_path_factory.mktemp("conversion-cache")
+    os.environ["EMBEDAPI_CONVERSION_CACHE"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return build_test_models(tmp_path_factory.mktemp("models"))

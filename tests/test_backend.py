@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from embedapi import backend, create_app
+from embedapi import create_app
+from embedapi.backends import pytorch as backend
 from embedapi.config import ModelSpec
 
 from .conftest import EMBED

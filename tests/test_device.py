@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from embedapi import backend, create_app
+from embedapi import create_app
+from embedapi.backends import pytorch as backend
 from embedapi.config import ModelSpec, Settings, normalize_device
 from embedapi.errors import ConfigError
 
@@ -101,12 +102,12 @@ def test_auto_falls_back_to_cpu_loudly_when_torch_cannot_use_the_gpu(monkeypatch
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-1234")  # Gunicorn gave this worker a GPU
     monkeypatch.setattr(torch.version, "cuda", None)
-    with caplog.at_level(logging.WARNING, logger="embedapi.backend"):
+    with caplog.at_level(logging.WARNING, logger="embedapi.backends.pytorch"):
         assert backend.pick_device("auto") == "cpu"
     assert "FALLING BACK TO CPU" in caplog.text and "CPU-only build" in caplog.text
     caplog.clear()
     monkeypatch.setattr(torch.version, "cuda", "13.0")  # a CUDA build, but an old driver
-    with caplog.at_level(logging.WARNING, logger="embedapi.backend"):
+    with caplog.at_level(logging.WARNING, logger="embedapi.backends.pytorch"):
         assert backend.pick_device("AUTO") == "cpu"
     assert "FALLING BACK TO CPU" in caplog.text and "driver" in caplog.text
     with pytest.raises(ConfigError, match="EMBEDAPI_DEVICE=cuda, but torch .* cannot use it"):
@@ -114,7 +115,7 @@ def test_auto_falls_back_to_cpu_loudly_when_torch_cannot_use_the_gpu(monkeypatch
 
     caplog.clear()
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")  # no GPU meant for this process: quiet
-    with caplog.at_level(logging.WARNING, logger="embedapi.backend"):
+    with caplog.at_level(logging.WARNING, logger="embedapi.backends.pytorch"):
         assert backend.pick_device("auto") == "cpu"
     assert "FALLING BACK" not in caplog.text
 
@@ -134,7 +135,7 @@ def one_model_file(model_dirs, tmp_path_factory):
 def test_a_worker_given_a_gpu_that_torch_cannot_use_serves_on_cpu(one_model_file, monkeypatch, caplog):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # this torch is the CPU build: the real fallback
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with caplog.at_level(logging.WARNING, logger="embedapi.backend"):
+    with caplog.at_level(logging.WARNING, logger="embedapi.backends.pytorch"):
         app = create_app({"models_file": str(one_model_file), "load_models": "sync", "device": "auto"})
     try:
         assert "FALLING BACK TO CPU" in caplog.text
@@ -190,6 +191,7 @@ def test_warm_up_at_the_worst_shapes_fails_the_load_naming_the_settings(one_mode
     monkeypatch.setattr(backend, "TorchRunner", _MemoryLimited)
     monkeypatch.setattr(_MemoryLimited, "seen", [])
     settings = {"models_file": str(one_model_file), "load_models": "off", "max_batch_tokens": 2048, "trace": False,
+                "backend": "torch",  # as on a GPU, where every model runs on torch
                 "max_batch_size": 64}
     app = create_app(settings)
     registry = app.extensions["embedapi"].registry

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from embedapi import backend
+from embedapi import create_app
+from embedapi.backends import pytorch as backend
 from embedapi.config import ModelSpec
 
 from .conftest import EMBED, RERANK
@@ -26,7 +27,7 @@ def _runner(model_dirs, kind: str, trace: bool, dtype: torch.dtype = torch.float
 
 def _assert_left_eager(model_dirs, st_model, caplog, why: str) -> None:
     """Loading with tracing asked for gives an eager runner, a warning saying `why`, and encode's vectors."""
-    with caplog.at_level(logging.WARNING, logger="embedapi.backend"):
+    with caplog.at_level(logging.WARNING, logger="embedapi.backends.pytorch"):
         runner = _runner(model_dirs, "embedding", True)
     assert not runner.traced and why in caplog.text
     ids = [st_model.tokenizer(t)["input_ids"] for t in _texts(3)]
@@ -34,9 +35,14 @@ def _assert_left_eager(model_dirs, st_model, caplog, why: str) -> None:
                                rtol=0, atol=1e-6)
 
 
-def test_the_app_runs_the_models_traced_on_cpu(app):
-    models = app.extensions["embedapi"].registry.models
-    assert models[EMBED].engine.runner.traced and models[RERANK].engine.runner.traced
+def test_the_app_runs_the_models_traced_on_cpu_on_the_torch_backend(models_file):
+    app = create_app({"models_file": str(models_file), "load_models": "sync", "backend": "torch"})
+    try:
+        models = app.extensions["embedapi"].registry.models
+        assert models[EMBED].backend == models[RERANK].backend == "torch"
+        assert models[EMBED].engine.runner.traced and models[RERANK].engine.runner.traced
+    finally:
+        app.extensions["embedapi"].registry.shutdown()
 
 
 def test_traced_embeddings_are_the_eager_ones_and_encodes(model_dirs, st_model):

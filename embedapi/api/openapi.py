@@ -55,6 +55,9 @@ class ModelInfo(Schema):
     ready = fields.Boolean(required=True, metadata={"description": "loaded and warmed in the worker that answered"})
     device = fields.String(required=True, allow_none=True, metadata={"description": "this worker's device"})
     dtype = fields.String(required=True, allow_none=True, metadata={"description": "this worker's dtype"})
+    backend = fields.String(required=True, allow_none=True,
+                            metadata={"enum": ["torch", "openvino", None],
+                                      "description": "what runs this worker's forward pass; null until loaded"})
     attention = fields.String(required=True, allow_none=True,
                               metadata={"description": "attention implementation in use: sdpa, flash_attention_2, "
                                                        "eager; null until loaded"})

@@ -1,7 +1,7 @@
 """The torch side: device and dtype choice, loading, warm-up and guarded forward passes on token ids.
 
-Only this module imports torch and sentence-transformers. The forward pass feeds the ids the service
-already made to the model's own modules (nothing is tokenized twice; the result is what
+Only the modules of this package import torch and sentence-transformers (openvino_runner.py: OpenVINO).
+The forward pass feeds the ids the service already made to the model's own modules (nothing is tokenized twice; the result is what
 `SentenceTransformer.encode` / `CrossEncoder.predict` compute). `GuardedRunner` contains GPU faults:
 out-of-memory batches are split, non-finite rows fail their batch, a broken CUDA context is reported.
 Measurements behind the tuning here: docs/benchmarks.md.
@@ -51,8 +51,8 @@ tune_malloc()
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from .config import ModelSpec, normalize_device
-from .errors import ConfigError, OutOfMemory
+from ..config import ModelSpec, normalize_device
+from ..errors import ConfigError, OutOfMemory
 
 log = logging.getLogger(__name__)
 
@@ -114,16 +114,18 @@ def cuda_capability(device: str) -> tuple[int, int]:
     return int(major), int(minor)
 
 
-def pick_dtype(requested: str, device: str) -> torch.dtype:
+def pick_dtype(requested: str, device: str, kind: str = "embedding") -> torch.dtype:
     """`auto`: bfloat16 on GPUs of compute capability 8.0+ (and ROCm), float16 on older ones (where
-    bfloat16 is only emulated), bfloat16 on CPUs that compute it natively, else float32."""
+    bfloat16 is only emulated); on CPUs, bfloat16 for embedding models where the CPU computes it natively,
+    else float32. CPU rerankers stay float32: bfloat16 moved their scores past 2e-3 and reordered the top
+    documents on both backends (docs/backends.md)."""
     if requested != "auto":
         return _DTYPES[requested]
     if device.startswith("cuda"):
         if torch.version.hip:
             return torch.bfloat16
         return torch.bfloat16 if cuda_capability(device) >= (8, 0) else torch.float16
-    if device == "cpu" and cpu_has_native_bf16():
+    if device == "cpu" and kind == "embedding" and cpu_has_native_bf16():
         return torch.bfloat16
     return torch.float32
 
@@ -275,6 +277,39 @@ class _Positional(torch.nn.Module):
         return self.hf_model(**dict(zip(self.names, inputs)), return_dict=True)[self.output]
 
 
+def pad_batch(batch: Sequence[Sequence[int]], pad_id: int, token_types: bool
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(input_ids, attention_mask, token_type_ids or None) of a batch padded on the right, as the tokenizer
+    pads; a pair's second segment (after `first_len` ids) gets token type 1."""
+    width = max(len(s) for s in batch)
+    ids = np.full((len(batch), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(batch), width), dtype=np.int64)
+    types = np.zeros((len(batch), width), dtype=np.int64) if token_types else None
+    for row, seq in enumerate(batch):
+        ids[row, : len(seq)] = seq
+        mask[row, : len(seq)] = 1
+        first = getattr(seq, "first_len", None)
+        if types is not None and first is not None:
+            types[row, first: len(seq)] = 1
+    return ids, mask, types
+
+
+def example_ids(rows: int, width: int, vocab: int, pad_id: int) -> list[list[int]]:
+    """Token id sequences (fixed seed) of `width` ids, the last of several rows half as long (so padded)."""
+    gen = np.random.default_rng(width * 31 + rows)
+    out = [[int(i) for i in gen.integers(min(10, vocab - 1), vocab, width)] for _ in range(rows)]
+    if rows > 1:
+        out[-1] = out[-1][: max(1, width // 2)]
+    return out
+
+
+def input_names(hf_model: torch.nn.Module, token_types: bool) -> tuple[str, ...]:
+    """The inputs a transformer's forward takes among those `run` builds (token types only if the tokenizer
+    makes them)."""
+    accepted = inspect.signature(hf_model.forward).parameters
+    return tuple(n for n in _INPUT_NAMES if n in accepted and (n != "token_type_ids" or token_types))
+
+
 class TorchRunner:
     """Pads a batch of id sequences and runs it through a sentence-transformers model.
 
@@ -283,6 +318,9 @@ class TorchRunner:
     otherwise hold up (docs/benchmarks.md). The traced model is checked against the eager one; if tracing
     fails or differs, the model stays eager (logged).
     """
+
+    backend = "torch"
+    cache: str | None = None  # no conversion cache (the OpenVINO runner's "hit" / "built" / "rebuilt")
 
     def __init__(self, model: Any, device: str, dtype: torch.dtype, kind: str, trace: bool = False) -> None:
         # Loaded in `dtype` already (load()); cast only what is not, so float32 buffers (rotary) stay as
@@ -318,16 +356,7 @@ class TorchRunner:
         return self._script is not None
 
     def run(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
-        width = max(len(s) for s in batch)
-        ids = np.full((len(batch), width), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(batch), width), dtype=np.int64)
-        types = np.zeros((len(batch), width), dtype=np.int64) if self.token_types else None
-        for row, seq in enumerate(batch):
-            ids[row, : len(seq)] = seq
-            mask[row, : len(seq)] = 1
-            first = getattr(seq, "first_len", None)
-            if types is not None and first is not None:
-                types[row, first: len(seq)] = 1
+        ids, mask, types = pad_batch(batch, self.pad_id, self.token_types)
         features = {"input_ids": torch.from_numpy(ids).to(self.device),
                     "attention_mask": torch.from_numpy(mask).to(self.device)}
         if types is not None:
@@ -357,8 +386,7 @@ class TorchRunner:
                     getattr(hf_model.config, "output_hidden_states", False):
                 log.info("not tracing %s: its transformer is not a plain forward", type(hf_model).__name__)
                 return
-            accepted = inspect.signature(hf_model.forward).parameters
-            names = tuple(n for n in _INPUT_NAMES if n in accepted and (n != "token_type_ids" or self.token_types))
+            names = input_names(hf_model, self.token_types)
             example = self._example_batch(2, 24, names)
             with torch.inference_mode(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # TracerWarnings, and torch.jit's own deprecation notice

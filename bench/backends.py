@@ -1,0 +1,172 @@
+"""Forward pass alone per backend, and bfloat16 fidelity, measured with the runners the server builds.
+
+    python bench/backends.py [--quick] [--seconds S]   # markdown table: texts/s per backend x dtype x tokens x
+                                                        # batch, one pass on 1 or 2 threads, and 2 passes side by
+                                                        # side (the engine's lanes) on 1 thread each
+    python bench/backends.py --fidelity [--quick]      # bfloat16 against float32 on the 30m embedding shape and
+                                                        # the reranker-310m shape (random weights): cosine, scores,
+                                                        # top-document changes in groups of 20
+
+Models are random-weight Ruri v3 shapes (tests/synthetic_models.py), built under --dir (default a temporary
+directory). Runners come from embedapi.backends.load_runner, as the registry loads them (torch traced; OpenVINO
+checked at load), so the figures are what the server's forward pass does without HTTP and queueing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+
+from embedapi import backends  # noqa: E402
+from embedapi.backends import pytorch  # noqa: E402
+from embedapi.config import ModelSpec  # noqa: E402
+from tests.synthetic_models import RURI_V3_SHAPES, build_embedding_model, build_reranker, build_tokenizer, \
+    corpus  # noqa: E402
+
+
+def _build(root: Path, name: str, kind: str, shape: dict[str, int]) -> Path:
+    path = root / name
+    if not (path / "config.json").exists():
+        tok = root / "tokenizer"
+        if not (tok / "tokenizer.json").exists():
+            build_tokenizer(tok)
+        (build_embedding_model if kind == "embedding" else build_reranker)(path, tokenizer_dir=tok, **shape)
+    return path
+
+
+def _runner(path: Path, kind: str, backend: str, dtype: str, threads: int, streams: int, cache: Path) -> object:
+    spec = ModelSpec(id=path.name, source=str(path), kind=kind, dtype=dtype)
+    loaded = backends.load_runner(spec, "cpu", backend, trace=True, threads=threads, streams=streams,
+                                  cache_root=str(cache))
+    assert loaded.backend == backend, loaded.note
+    return loaded.runner
+
+
+def _rate(runner: object, batch: list[list[int]], threads: int, passes: int, seconds: float) -> float:
+    """texts/s of `passes` threads each running `batch` over and over with `threads` torch threads."""
+    counts = [0] * passes
+    start = threading.Barrier(passes + 1)
+
+    def lane(k: int) -> None:
+        pytorch.use_threads(threads)
+        for _ in range(2):
+            runner.run(batch)
+        start.wait()
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            runner.run(batch)
+            counts[k] += len(batch)
+
+    lanes = [threading.Thread(target=lane, args=(k,)) for k in range(passes)]
+    for t in lanes:
+        t.start()
+    start.wait()
+    began = time.perf_counter()
+    for t in lanes:
+        t.join()
+    return sum(counts) / (time.perf_counter() - began)
+
+
+def forward_table(root: Path, cache: Path, seconds: float, quick: bool) -> None:
+    path = _build(root, "embed-30m", "embedding", RURI_V3_SHAPES["ruri-v3-30m"])
+    rng = np.random.default_rng(0)
+    tokens_list, batches = ((16, 50), (1, 8, 32)) if not quick else ((16,), (1, 8))
+    dtypes = ("float32", "bfloat16") if pytorch.cpu_has_native_bf16() else ("float32",)
+    print(f"forward alone, ruri-v3-30m shape, texts/s ({os.cpu_count()} CPUs, {seconds:g}s per cell)\n")
+    print("| backend | dtype | tokens | batch | 1 pass, 1 thread | 1 pass, 2 threads | 2 passes x 1 thread |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for backend in ("torch", "openvino"):
+        for dtype in dtypes:
+            if backend == "torch":  # torch threads are per calling thread: one runner serves every column
+                one = two = lanes = _runner(path, "embedding", backend, dtype, 0, 1, cache)
+            else:  # OpenVINO threads belong to the compiled model: one per column, as the registry compiles it
+                one = _runner(path, "embedding", backend, dtype, 1, 1, cache)
+                two = _runner(path, "embedding", backend, dtype, 2, 1, cache)
+                lanes = _runner(path, "embedding", backend, dtype, 2, 2, cache)
+            for tokens in tokens_list:
+                for bs in batches:
+                    batch = [[int(i) for i in rng.integers(10, 2000, tokens)] for _ in range(bs)]
+                    cells = (_rate(one, batch, 1, 1, seconds), _rate(two, batch, 2, 1, seconds),
+                             _rate(lanes, batch, 1, 2, seconds))
+                    print(f"| {backend} | {dtype} | {tokens} | {bs} | " + " | ".join(f"{c:.0f}" for c in cells)
+                          + " |", flush=True)
+
+
+def fidelity(root: Path, cache: Path, quick: bool) -> None:
+    """bfloat16 against float32 (sentence-transformers' own encode / predict) on each backend."""
+    from sentence_transformers import CrossEncoder, SentenceTransformer
+
+    lines = corpus()
+    rng = np.random.default_rng(1)
+    texts = [lines[i] * int(k) for i, k in zip(rng.integers(0, len(lines), 64), rng.integers(1, 8, 64))]
+    path = _build(root, "embed-30m", "embedding", RURI_V3_SHAPES["ruri-v3-30m"])
+    st = SentenceTransformer(str(path), device="cpu")
+    want = st.encode(texts, batch_size=16, normalize_embeddings=False)
+    ids = [st.tokenizer(t)["input_ids"] for t in texts]
+    for backend in ("torch", "openvino"):
+        runner = _runner(path, "embedding", backend, "bfloat16", 2, 1, cache)
+        got = np.concatenate([runner.run(ids[i:i + 16]) for i in range(0, len(ids), 16)])
+        cos = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
+        print(f"embedding 30m, {backend} bfloat16 vs float32 encode, {len(texts)} texts: "
+              f"min cosine {cos.min():.6f}, mean {cos.mean():.6f}", flush=True)
+    shape = RURI_V3_SHAPES["ruri-v3-30m" if quick else "ruri-v3-reranker-310m"]
+    path = _build(root, "rerank-30m" if quick else "rerank-310m", "rerank", shape)
+    ce = CrossEncoder(str(path), device="cpu")
+    groups, per = (3, 20) if quick else (10, 20)
+    queries = [lines[int(i)] for i in rng.integers(0, len(lines), groups)]
+    docs = [[lines[int(i)] * int(k) for i, k in zip(rng.integers(0, len(lines), per), rng.integers(1, 10, per))]
+            for _ in range(groups)]
+    want = np.array([ce.predict([(q, d) for d in ds], batch_size=20) for q, ds in zip(queries, docs)])
+    for backend in ("torch", "openvino"):
+        runner = _runner(path, "rerank", backend, "bfloat16", 2, 1, cache) if backend == "torch" else None
+        if runner is None:  # load_runner refuses a bfloat16 reranker that moves scores past 2e-3: build it directly
+            from embedapi.backends import openvino_runner as ovr
+            f32 = _runner(path, "rerank", "openvino", "float32", 2, 1, cache)
+            import openvino as ov
+            entry = next(p for p in cache.iterdir() if p.name.startswith(path.name + "-"))
+            runner = ovr.OpenVINORunner(ovr._compile(ov.Core(), entry / "model.xml", pytorch.torch.bfloat16, 2, 1),
+                                        "rerank", f32.names, [], f32.output_key, f32.module_output, f32.pad_id,
+                                        f32.token_types, f32.max_seq_length, pytorch.torch.bfloat16, "hit")
+        act = pytorch.activation(ce)
+        got = []
+        for q, ds in zip(queries, docs):
+            enc = [ce.tokenizer(q, d)["input_ids"] for d in ds]
+            got.append(act(runner.run(enc)))
+        got = np.array(got)
+        delta = np.abs(got - want)
+        top = int((got.argmax(1) != want.argmax(1)).sum())
+        print(f"rerank {'30m' if quick else '310m'}, {backend} bfloat16 vs float32 CrossEncoder.predict, "
+              f"{groups * per} pairs: max |dscore| {delta.max():.4f}, mean {delta.mean():.4f}; "
+              f"top document changed in {top} of {groups} groups of {per}", flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer cells, shorter runs, smaller reranker")
+    parser.add_argument("--seconds", type=float, default=0.0, help="per cell (default 3, --quick 0.5)")
+    parser.add_argument("--fidelity", action="store_true", help="bfloat16 fidelity instead of the speed table")
+    parser.add_argument("--dir", type=Path, help="where the models and conversions go (kept between runs)")
+    args = parser.parse_args()
+    root = args.dir or Path(tempfile.mkdtemp(prefix="embedapi-bench-backends-"))
+    cache = root / "conversion-cache"
+    if args.fidelity:
+        fidelity(root, cache, args.quick)
+    else:
+        forward_table(root, cache, args.seconds or (0.5 if args.quick else 3.0), args.quick)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,369 @@
+"""The OpenVINO side: a model's transformer exported once (ONNX, dynamic batch and length), cached on disk as
+OpenVINO IR, compiled for the CPU in float32 or bfloat16, and checked against torch at every load.
+
+Only the transformer runs in OpenVINO (the embedding model's `model[0].model` with its last_hidden_state, the
+reranker's sequence-classification model with its logits); pooling, normalisation and the reranker's
+activation stay the sentence-transformers modules, exactly as TorchRunner's traced path runs them. The cache
+and the checks are described in docs/backends.md.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+import warnings
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..config import ModelSpec
+from . import pytorch
+
+log = logging.getLogger(__name__)
+
+# Bump when what is exported changes (inputs, wrapper, opset): old cache entries then no longer match.
+FORMAT = 1
+OPSET = 17
+FP32_TOLERANCE = 1e-5  # parity: |OpenVINO - torch eager| in float32, relative to the rows' scale (at least 1)
+BF16_MIN_COSINE = 0.9999  # embeddings in bfloat16: every row's cosine to torch float32
+BF16_MAX_SCORE_DELTA = 2e-3  # rerank in bfloat16: |score - torch float32 score| after the activation
+_PRECISION = {"float32": "f32", "bfloat16": "bf16"}
+_CHECK_SHAPES = ((1, 5), (3, 150), (2, 300))  # around and past ModernBERT's 128-token local window
+RUNTIME_CACHE_SHAPES = 32  # OpenVINO CPU plugin's kernel cache, in input shapes (its default: 5000)
+_SKIP_DIRS = {"onnx", "openvino"}  # exports shipped with a hub repo: not what is converted here
+
+
+def available() -> str:
+    """'' if the OpenVINO runtime imports, else why not (for the log)."""
+    try:
+        import openvino  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken native library
+        return f"{type(exc).__name__}: {exc}"
+    return ""
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "none"
+
+
+def versions() -> dict[str, str]:
+    return {d: _version(d) for d in ("torch", "transformers", "sentence-transformers", "onnx", "openvino")}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_directory(spec: ModelSpec) -> Path | None:
+    """The files the model was loaded from: its local directory, or its snapshot in the Hugging Face cache."""
+    local = Path(spec.source).expanduser()
+    if local.is_dir():
+        return local
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(spec.source, revision=spec.revision, local_files_only=True))
+    except Exception as exc:  # not in the cache in the layout snapshot_download knows
+        log.info("%s: no local snapshot found for the conversion cache key (%s)", spec.id, exc)
+        return None
+
+
+def file_digests(directory: Path) -> dict[str, str]:
+    """relative path -> content hash of every file of a model. A hub snapshot's files link to blobs/ whose
+    names are their hashes (sha256 for LFS files, git's sha1 for the rest): those names, nothing re-read."""
+    out: dict[str, str] = {}
+    for path in sorted(directory.rglob("*")):
+        rel = path.relative_to(directory)
+        if any(p.startswith(".") for p in rel.parts) or rel.parts[0] in _SKIP_DIRS or not path.is_file():
+            continue
+        target = path.resolve()
+        if path.is_symlink() and target.parent.name == "blobs":
+            out[rel.as_posix()] = target.name
+        else:
+            out[rel.as_posix()] = _sha256(target)
+    return out
+
+
+def cache_key(spec: ModelSpec, directory: Path | None, names: Sequence[str], output: str) -> str | None:
+    """What an exported IR depends on: the model's files (and revision), the exporting and reading libraries'
+    versions, the inputs and output. None when the files are not at hand (then nothing is cached). The IR is
+    stored in float32 and compiled per precision at load, so the dtype is not part of the key."""
+    if directory is None:
+        return None
+    material = {"format": FORMAT, "opset": OPSET, "kind": spec.kind, "revision": spec.revision,
+                "files": file_digests(directory), "versions": versions(), "inputs": list(names), "output": output}
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+
+
+def _entry_name(spec: ModelSpec, key: str) -> str:
+    """A readable directory name: the hub id (or the local directory's name) and the key."""
+    source = Path(spec.source).name if Path(spec.source).expanduser().is_dir() else spec.source
+    return re.sub(r"[^A-Za-z0-9._-]+", "--", source).strip("-.")[:80] + "-" + key[:20]
+
+
+class ConversionCache:
+    """IR files per model under `root`, each entry a directory written whole (temporary directory, then
+    rename) with a manifest of its files' sha256, so a partial or corrupt entry is detected and rebuilt."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    def lookup(self, name: str, key: str) -> tuple[Path | None, str]:
+        """(entry directory if valid, '' or why it is not)."""
+        entry = self.root / name
+        manifest = entry / "manifest.json"
+        if not entry.exists():
+            return None, ""
+        try:
+            meta = json.loads(manifest.read_text(encoding="utf-8"))
+            if meta.get("key") != key:
+                return None, "its manifest names another key"
+            for file, digest in meta["files"].items():
+                if _sha256(entry / file) != digest:
+                    return None, f"{file} does not match its manifest's sha256"
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            return None, f"{type(exc).__name__}: {exc}"
+        return entry, ""
+
+    def store(self, name: str, key: str, write: Callable[[Path], None], extra: dict[str, Any]) -> Path:
+        """Write an entry with `write(tmp_dir)`; if another process stored a valid one meanwhile, keep theirs."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=self.root))
+        try:
+            write(tmp)
+            tmp.chmod(0o755)  # mkdtemp's 0700 would hide the entry from workers running as another user
+            files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+            meta = {"key": key, "files": files, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    **extra}
+            (tmp / "manifest.json").write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
+            entry = self.root / name
+            if entry.exists():
+                shutil.rmtree(entry, ignore_errors=True)  # invalid (lookup said so): replaced
+            try:
+                os.rename(tmp, entry)
+            except OSError:  # another worker renamed its copy first
+                found, _ = self.lookup(name, key)
+                if found is None:
+                    raise
+                return found
+            return entry
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export(hf_model: torch.nn.Module, names: tuple[str, ...], output: str, example: dict[str, torch.Tensor],
+           directory: Path) -> None:
+    """The transformer to ONNX (dynamic batch and length; TorchScript-based exporter) and on to OpenVINO IR
+    (model.xml + model.bin, weights kept in float32)."""
+    import openvino as ov
+
+    onnx_path = directory / "model.onnx"
+    axes = {n: {0: "batch", 1: "length"} for n in names}
+    axes["output"] = {0: "batch", 1: "length"} if output == "last_hidden_state" else {0: "batch"}
+    wrapper = pytorch._Positional(hf_model, names, output).eval()
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings from the transformer's shape checks
+        torch.onnx.export(wrapper, tuple(example[n] for n in names), str(onnx_path), input_names=list(names),
+                          output_names=["output"], dynamic_axes=axes, opset_version=OPSET, dynamo=False)
+    ov.save_model(ov.Core().read_model(str(onnx_path)), str(directory / "model.xml"), compress_to_fp16=False)
+    for leftover in directory.iterdir():
+        if leftover.name not in ("model.xml", "model.bin"):
+            leftover.unlink()
+
+
+class OpenVINORunner:
+    """A compiled transformer and the sentence-transformers modules after it; `run` is TorchRunner's.
+
+    OpenVINO threads belong to the compiled model's streams, not to the calling thread: every calling thread
+    (the engine's lanes) gets its own InferRequest, so passes run side by side, each on one stream, and the
+    GIL is released while a pass runs (InferRequest.infer releases it).
+    """
+
+    backend = "openvino"
+
+    def __init__(self, compiled: Any, kind: str, names: tuple[str, ...], tail: list[Any], output_key: str,
+                 module_output: str, pad_id: int, token_types: bool, max_seq_length: int, dtype: torch.dtype,
+                 cache: str | None) -> None:
+        self.compiled, self.kind, self.names, self.tail = compiled, kind, names, tail
+        self.output_key, self.module_output = output_key, module_output
+        self.pad_id, self.token_types, self.max_seq_length = pad_id, token_types, max_seq_length
+        self.dtype = dtype
+        self.device = torch.device("cpu")
+        self.default_batch_tokens = pytorch.CPU_BATCH_TOKENS
+        self.cache = cache  # "hit" | "built" | "rebuilt" | "off" (not cached: no key or no writable cache)
+        self.traced = False  # TorchScript is the torch runner's; kept for the load log and describe()
+        # Batches wider than `max_tokens` run on `long` (a TorchRunner) when it is set: the exported attention
+        # is materialised (batch x heads x length^2), which at thousands of tokens costs gigabytes and runs
+        # slower than torch's fused kernel (docs/backends.md).
+        self.long: Any = None
+        self.max_tokens = 0
+        self._local = threading.local()
+
+    def _request(self) -> Any:
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self.compiled.create_infer_request()
+        return request
+
+    def run(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
+        if self.long is not None and max(len(s) for s in batch) > self.max_tokens:
+            return self.long.run(batch)
+        ids, mask, types = pytorch.pad_batch(batch, self.pad_id, self.token_types)
+        arrays = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+        result = self._request().infer({n: arrays[n] for n in self.names})
+        hidden = np.array(result[0], dtype=np.float32, copy=True)  # the request reuses its output buffer
+        if not self.tail:
+            out = hidden
+        else:
+            features = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
+                        self.module_output: torch.from_numpy(hidden)}
+            with torch.inference_mode():
+                for module in self.tail:
+                    features = module(features)
+            out = features[self.output_key].float().numpy()
+        if self.kind == "rerank":
+            out = out.reshape(len(batch), -1)[:, 0]
+        return np.ascontiguousarray(out, dtype=np.float32)
+
+
+class NotConverted(Exception):
+    """The model cannot serve on OpenVINO (why is the message); the caller falls back to torch."""
+
+
+def _compile(core: Any, xml: Path, dtype: torch.dtype, threads: int, streams: int) -> Any:
+    """One stream per pass the engine may run at once (its lanes and spare lane), each on its own InferRequest.
+    OpenVINO gives a stream at least one thread and never more streams than threads, so a worker with fewer
+    threads than passes gets one thread per stream (oversubscribed, as torch's spare lane is); threads are not
+    pinned, as several workers may share the cores. The plugin's per-shape kernel cache is kept small: at its
+    default (5000 shapes) a worker seeing many batch shapes grew by hundreds of MB a minute (tests/test_soak.py)."""
+    streams = max(1, streams)
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": _PRECISION[pytorch.dtype_name(dtype)],
+                              "NUM_STREAMS": streams, "ENABLE_CPU_PINNING": False,
+                              "CPU_RUNTIME_CACHE_CAPACITY": RUNTIME_CACHE_SHAPES}
+    if threads > 0:
+        config["INFERENCE_NUM_THREADS"] = max(threads, streams)
+    return core.compile_model(core.read_model(str(xml)), "CPU", config)
+
+
+def _rows_differ(kind: str, got: np.ndarray, want: np.ndarray, dtype: torch.dtype,
+                 act: Callable[[np.ndarray], np.ndarray]) -> str:
+    """'' if OpenVINO's rows (`got`) are faithful to torch float32's (`want`), else how they differ."""
+    if got.shape != want.shape:
+        return f"shape {got.shape} != {want.shape}"
+    if not np.isfinite(got).all():
+        return "non-finite values"
+    if dtype == torch.float32:
+        scale = max(1.0, float(np.abs(want).max()))
+        diff = float(np.abs(got - want).max())
+        return "" if diff <= FP32_TOLERANCE * scale else f"max difference {diff:.3g} (scale {scale:.3g})"
+    if kind == "rerank":
+        delta = float(np.abs(act(got) - act(want)).max())
+        return "" if delta <= BF16_MAX_SCORE_DELTA else f"max |score difference| {delta:.3g} > {BF16_MAX_SCORE_DELTA}"
+    cos = (got * want).sum(1) / np.maximum(np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1), 1e-12)
+    return "" if cos.min() >= BF16_MIN_COSINE else f"min row cosine {cos.min():.6f} < {BF16_MIN_COSINE}"
+
+
+def convert(model: Any, spec: ModelSpec, dtype: torch.dtype, threads: int, streams: int,
+            cache_root: str | None, free_torch: bool = True) -> OpenVINORunner:
+    """An OpenVINORunner for a float32 sentence-transformers `model`, from the cache or exported now, checked
+    against torch float32 eager; NotConverted (with the reason) when it cannot serve faithfully. On success,
+    with `free_torch`, the torch copy of the transformer is freed (the tokenizer and the modules after it
+    stay)."""
+    import openvino as ov
+
+    if pytorch.dtype_name(dtype) not in _PRECISION:
+        raise NotConverted(f"dtype {pytorch.dtype_name(dtype)} is not served on OpenVINO (float32 or bfloat16)")
+    first = model[0]
+    text = getattr(first, "modality_config", {}).get("text", {})
+    hf_model, output = getattr(first, "model", None), text.get("method_output_name")
+    if hf_model is None or text.get("method") != "forward" or output not in ("last_hidden_state", "logits") or \
+            getattr(hf_model.config, "output_hidden_states", False):
+        raise NotConverted(f"its first module is not a plain {type(hf_model).__name__} forward")
+    reference = pytorch.TorchRunner(model, "cpu", torch.float32, spec.kind, trace=False)
+    names = pytorch.input_names(hf_model, reference.token_types)
+    vocab = int(getattr(hf_model.config, "vocab_size", 0) or len(model.tokenizer))
+    key = cache_key(spec, model_directory(spec), names, output)
+    store = ConversionCache(cache_root) if cache_root and key else None
+    name = _entry_name(spec, key) if key else ""
+    entry, state = None, "off"
+    if store is not None:
+        entry, why = store.lookup(name, key)
+        state = "hit" if entry is not None else ("rebuilt" if why else "built")
+        if why:
+            log.warning("%s: conversion cache entry %s is invalid (%s); rebuilding it", spec.id, store.root / name, why)
+
+    started = time.monotonic()
+    scratch: Path | None = None
+    if entry is None:
+        example_seqs = pytorch.example_ids(2, 24, vocab, reference.pad_id)
+        ids, mask, types = pytorch.pad_batch(example_seqs, reference.pad_id, reference.token_types)
+        example = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
+                   "token_type_ids": torch.from_numpy(types if types is not None else np.zeros_like(ids))}
+
+        def write(directory: Path) -> None:
+            export(hf_model, names, output, example, directory)
+
+        try:
+            if store is None:
+                raise OSError("no cache")
+            entry = store.store(name, key, write, {"model": spec.id, "source": spec.source,
+                                                   "revision": spec.revision, "versions": versions()})
+        except OSError as exc:
+            if store is not None:
+                log.warning("%s: cannot write the conversion cache under %s (%s); converting without it",
+                            spec.id, store.root, exc)
+            state = "off"
+            scratch = Path(tempfile.mkdtemp(prefix="embedapi-ov-"))
+            write(scratch)
+            entry = scratch
+        log.info("%s: exported the transformer to OpenVINO in %.1fs (cache %s: %s)", spec.id,
+                 time.monotonic() - started, state, entry if scratch is None else "not cached")
+    else:
+        log.info("%s: OpenVINO conversion cache hit: %s", spec.id, entry)
+    try:
+        core = ov.Core()
+        make = lambda dt, st: OpenVINORunner(  # noqa: E731
+            _compile(core, entry / "model.xml", dt, threads, st), spec.kind, names, list(model)[1:],
+            reference.output_key, first.module_output_name, reference.pad_id, reference.token_types,
+            reference.max_seq_length, dt, state)
+        checks = [torch.float32] if dtype == torch.float32 else [torch.float32, dtype]
+        runner = None
+        act = pytorch.activation(model)
+        for dt in checks:  # float32 parity first (the conversion itself), then the precision's fidelity
+            candidate = make(dt, 1 if dt != dtype else streams)
+            for rows, width in _CHECK_SHAPES:
+                batch = pytorch.example_ids(rows, min(width, reference.max_seq_length), vocab, reference.pad_id)
+                want = reference.run(batch)
+                why = _rows_differ(spec.kind, candidate.run(batch), want, dt, act)
+                if why:
+                    raise NotConverted(f"OpenVINO {pytorch.dtype_name(dt)} differs from torch float32 on a batch "
+                                       f"of {rows}x{width} tokens: {why}")
+            runner = candidate
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)  # compiled models hold their weights: files not needed
+    assert runner is not None
+    if not free_torch:
+        return runner
+    first.model = None  # the torch copy of the transformer: its weights now live in the compiled model
+    del hf_model, reference
+    gc.collect()
+    return runner
