@@ -54,7 +54,8 @@ def _runner(path: Path, kind: str, backend: str, dtype: str, threads: int, strea
     return loaded.runner
 
 
-def _rate(runner: object, batch: list[list[int]], threads: int, passes: int, seconds: float) -> float:
+def side_by_side_rate(runner: object, batch: list[list[int]], threads: int, passes: int,
+                      seconds: float) -> float:
     """texts/s of `passes` threads each running `batch` over and over with `threads` torch threads."""
     counts = [0] * passes
     start = threading.Barrier(passes + 1)
@@ -98,8 +99,9 @@ def forward_table(root: Path, cache: Path, seconds: float, quick: bool) -> None:
             for tokens in tokens_list:
                 for bs in batches:
                     batch = [[int(i) for i in rng.integers(10, 2000, tokens)] for _ in range(bs)]
-                    cells = (_rate(one, batch, 1, 1, seconds), _rate(two, batch, 2, 1, seconds),
-                             _rate(lanes, batch, 1, 2, seconds))
+                    cells = (side_by_side_rate(one, batch, 1, 1, seconds),
+                             side_by_side_rate(two, batch, 2, 1, seconds),
+                             side_by_side_rate(lanes, batch, 1, 2, seconds))
                     print(f"| {backend} | {dtype} | {tokens} | {bs} | " + " | ".join(f"{c:.0f}" for c in cells)
                           + " |", flush=True)
 

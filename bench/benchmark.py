@@ -340,30 +340,12 @@ def forward_ceiling(model_dir: Path, texts: list[str], dtype: torch.dtype, secon
     from embedapi.config import ModelSpec
     model = backend.load(ModelSpec(id="ceiling", source=str(model_dir), kind="embedding"), "cpu")
     runner = backend.TorchRunner(model, "cpu", dtype, "embedding", trace=True)
+    from backends import side_by_side_rate  # bench/backends.py: passes side by side, as the engine's lanes
+
     best = (0.0, 0)
     for bs in (8, 16, 32):
         ids = [model.tokenizer(t)["input_ids"] for t in texts[:bs]]
-        counts = [0, 0]
-        start = threading.Barrier(3)
-
-        def lane(k: int) -> None:
-            backend.use_threads(1)
-            for _ in range(2):
-                runner.run(ids)
-            start.wait()
-            deadline = time.perf_counter() + seconds
-            while time.perf_counter() < deadline:
-                runner.run(ids)
-                counts[k] += len(ids)
-
-        lanes = [threading.Thread(target=lane, args=(k,)) for k in (0, 1)]
-        for t in lanes:
-            t.start()
-        start.wait()
-        began = time.perf_counter()
-        for t in lanes:
-            t.join()
-        best = max(best, (sum(counts) / (time.perf_counter() - began), bs))
+        best = max(best, (side_by_side_rate(runner, ids, 1, 2, seconds), bs))
     return best
 
 

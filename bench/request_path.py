@@ -134,7 +134,8 @@ def measure(server: Any, lua: Path, seconds: float, model: str, profile: str | N
     c0, p0 = thread_cpu(pid), exited_threads_cpu(pid)
     spy = None
     if profile:
-        spy = [subprocess.Popen([shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(pid), "--duration", f"{int(seconds)}",
+        py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        spy = [subprocess.Popen([py_spy, "record", "--pid", str(pid), "--duration", f"{int(seconds)}",
                                  "--rate", "250", "--format", "raw", "--output", f"{profile}-{kind}.txt",
                                  *flags, "--nonblocking"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -251,13 +252,15 @@ def main() -> int:
             best = max(runs, key=lambda m: m["rps"])
             rows.append((shape, label, best, raw_rate, raw_single, idle[label], np.mean(lengths), runs))
 
-    print("| shape | config | req/s | x raw fp32 bs32 | worker CPU ms/req | forward | rest (kernel; main loop) | hand-off mean / p50<= / "
+    print("| shape | config | req/s | x raw fp32 bs32 | worker CPU ms/req | forward | rest (kernel; main loop) | "
+          "hand-off mean / p50<= / "
           "p99<= ms | idle p50 ms (raw single) | RSS start -> end MB | errors |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for shape, label, m, raw_rate, raw_single, idle_ms, tokens, runs in rows:
         each = "/".join(f"{x['rps']:.0f}" for x in runs)
         print(f"| {shape} (~{tokens:.0f} tok) | {label} | {m['rps']:.0f} ({each}) | {m['rps'] / raw_rate:.2f}x "
-              f"(raw {raw_rate:.0f}/s) | {m['cpu_ms']:.2f} | {m['forward_ms']:.2f} | {m['rest_ms']:.2f} ({m['rest_sys_ms']:.2f}; {m['main_ms']:.2f}) | "
+              f"(raw {raw_rate:.0f}/s) | {m['cpu_ms']:.2f} | {m['forward_ms']:.2f} | "
+              f"{m['rest_ms']:.2f} ({m['rest_sys_ms']:.2f}; {m['main_ms']:.2f}) | "
               f"{m['handoff_mean_ms']:.2f} / {m['handoff_p50_le_ms']:.1f} / {m['handoff_p99_le_ms']:.1f} | "
               f"{idle_ms:.2f} ({raw_single:.2f}) | {m['rss_start_mb']:.0f} -> {m['rss_end_mb']:.0f} | {m['errors']} |")
     return 0

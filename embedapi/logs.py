@@ -38,8 +38,8 @@ class _SecondCache:
         second = int(record.created)
         cached = self._second
         if cached[0] != second:
-            cached = self._second = (second, time.strftime(logging.Formatter.default_time_format,
-                                                           self.converter(record.created)))  # type: ignore[attr-defined]
+            when = self.converter(record.created)  # type: ignore[attr-defined]
+            cached = self._second = (second, time.strftime(logging.Formatter.default_time_format, when))
         return logging.Formatter.default_msec_format % (cached[1], record.msecs)
 
 
