@@ -83,8 +83,17 @@ def exited_threads_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
-def handoff(url: str, model: str) -> tuple[float, float, dict[float, float]]:
-    """(count, sum, cumulative buckets) of embedapi_handoff_seconds for `model`."""
+def batch_sizes(text: str, model: str) -> tuple[float, float]:
+    """(passes, sequences) so far: embedapi_batch_size's count and sum for `model`."""
+    out = [0.0, 0.0]
+    for line in text.splitlines():
+        if line.startswith(("embedapi_batch_size_count", "embedapi_batch_size_sum")) and f'model="{model}"' in line:
+            out[line.startswith("embedapi_batch_size_sum")] = float(line.rsplit(" ", 1)[1])
+    return out[0], out[1]
+
+
+def handoff(url: str, model: str) -> tuple[float, float, dict[float, float], tuple[float, float]]:
+    """(count, sum, cumulative buckets) of embedapi_handoff_seconds for `model`, and its batch_sizes."""
     text = call("GET", url + "/metrics")[2]
     if isinstance(text, bytes):
         text = text.decode()
@@ -101,7 +110,7 @@ def handoff(url: str, model: str) -> tuple[float, float, dict[float, float]]:
         elif "_bucket" in line:
             le = re.search(r'le="([^"]+)"', line).group(1)  # type: ignore[union-attr]
             buckets[float(le)] = value
-    return count, total, buckets
+    return count, total, buckets, batch_sizes(str(text), model)
 
 
 def bucket_quantile(before: dict[float, float], after: dict[float, float], q: float) -> float:
@@ -159,7 +168,8 @@ def measure(server: Any, lua: Path, seconds: float, model: str, profile: str | N
             "handoff_mean_ms": 1000 * (h1[1] - h0[1]) / hn,
             "handoff_p50_le_ms": 1000 * bucket_quantile(h0[2], h1[2], 0.5),
             "handoff_p99_le_ms": 1000 * bucket_quantile(h0[2], h1[2], 0.99),
-            "rss_start_mb": rss0 / 2**20, "rss_end_mb": rss1 / 2**20}
+            "rss_start_mb": rss0 / 2**20, "rss_end_mb": rss1 / 2**20,
+            "mean_batch": (h1[3][1] - h0[3][1]) / max(1.0, h1[3][0] - h0[3][0])}
 
 
 def idle_p50(port: int, bodies: list[bytes], n: int = 200) -> float:
@@ -254,15 +264,15 @@ def main() -> int:
 
     print("| shape | config | req/s | x raw fp32 bs32 | worker CPU ms/req | forward | rest (kernel; main loop) | "
           "hand-off mean / p50<= / "
-          "p99<= ms | idle p50 ms (raw single) | RSS start -> end MB | errors |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "p99<= ms | idle p50 ms (raw single) | RSS start -> end MB | mean batch | errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for shape, label, m, raw_rate, raw_single, idle_ms, tokens, runs in rows:
         each = "/".join(f"{x['rps']:.0f}" for x in runs)
         print(f"| {shape} (~{tokens:.0f} tok) | {label} | {m['rps']:.0f} ({each}) | {m['rps'] / raw_rate:.2f}x "
               f"(raw {raw_rate:.0f}/s) | {m['cpu_ms']:.2f} | {m['forward_ms']:.2f} | "
               f"{m['rest_ms']:.2f} ({m['rest_sys_ms']:.2f}; {m['main_ms']:.2f}) | "
               f"{m['handoff_mean_ms']:.2f} / {m['handoff_p50_le_ms']:.1f} / {m['handoff_p99_le_ms']:.1f} | "
-              f"{idle_ms:.2f} ({raw_single:.2f}) | {m['rss_start_mb']:.0f} -> {m['rss_end_mb']:.0f} | {m['errors']} |")
+              f"{idle_ms:.2f} ({raw_single:.2f}) | {m['rss_start_mb']:.0f} -> {m['rss_end_mb']:.0f} | {m['mean_batch']:.1f} | {m['errors']} |")
     return 0
 
 
