@@ -97,9 +97,6 @@ class _Signal:
         except RuntimeError:  # set twice (a failure racing a shutdown): already released
             pass
 
-    def is_set(self) -> bool:
-        return self._set
-
     def wait(self, timeout: float) -> bool:
         if self._set:
             return True

@@ -12,7 +12,7 @@ from marshmallow import Schema, ValidationError, fields, validate
 
 from ..prompts import INPUT_TYPE_ALIASES
 from ..quantize import EMBEDDING_TYPES
-from .schemas import StrictBoolean, _is_int, _positive_int, _Request
+from .schemas import StrictBoolean, _is_int, _positive_int, _Request, check_strings
 
 TEI_IDS_MESSAGE = ("inputs holds token ids; this server takes text and tokenizes it itself (POST /tokenize "
                    "shows the ids it feeds). Send strings instead")
@@ -37,11 +37,7 @@ class Texts(fields.Field):
             texts = value
         else:
             raise ValidationError(f"{name} must be {'a string or ' if self.allow_string else ''}an array of strings")
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise ValidationError(f"{name}[{i}] must be a string, not {type(text).__name__}")
-            if not text:
-                raise ValidationError(f"{name}[{i}] is an empty string; every text must contain something")
+        check_strings(texts, name, "every text must contain something")
         return texts
 
 

@@ -22,6 +22,15 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def check_strings(texts: list[Any], name: str, rule: str) -> None:
+    """Each item of a text array is a non-empty string; else a ValidationError naming `name[i]` (and `rule`)."""
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise ValidationError(f"{name}[{i}] must be a string, not {type(text).__name__}")
+        if not text:
+            raise ValidationError(f"{name}[{i}] is an empty string; {rule}")
+
+
 class EmbeddingInput(fields.Field):
     """A string or an array of strings; token-id arrays are refused with an explanation."""
 
@@ -36,11 +45,7 @@ class EmbeddingInput(fields.Field):
             texts = value
         else:
             raise ValidationError("input must be a string or an array of strings")
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise ValidationError(f"input[{i}] must be a string, not {type(text).__name__}")
-            if not text:
-                raise ValidationError(f"input[{i}] is an empty string; every input must contain text")
+        check_strings(texts, "input", "every input must contain text")
         return texts
 
 
