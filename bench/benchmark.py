@@ -232,7 +232,7 @@ def percentile(values: list[float], q: float) -> float:
 def proc_status(pid: int) -> dict[str, int]:
     out = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(("VmRSS", "VmHWM")):
+        if line.startswith(("VmRSS", "VmHWM", "RssAnon")):
             name, value = line.split(":")
             out[name] = int(value.split()[0]) * 1024
     return out

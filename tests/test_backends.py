@@ -83,7 +83,7 @@ def test_float32_on_openvino_is_encode_and_predict(f32, st_model, ce_model):
 
 def test_batches_wider_than_the_openvino_limit_run_on_torch_and_are_still_encode(f32, st_model):
     runner = f32.models[EMBED].engine.runner.inner
-    assert runner.max_tokens == 256 and runner.long.backend == "torch" and runner.long.traced
+    assert runner.max_tokens == 256 and runner.long.backend == "torch" and not runner.long.traced  # eager: as fast
     texts = ["川沿いの道を歩いて図書館まで行きました。" * 30, TEXTS[0]]  # ~600 tokens: over the limit
     assert len(st_model.tokenizer(texts[0])["input_ids"]) > 256
     want = st_model.encode(texts, batch_size=2, normalize_embeddings=False)
@@ -155,11 +155,31 @@ def test_without_openvino_auto_serves_on_torch_and_explicit_openvino_is_a_config
         _load(model_dirs, None, "openvino")
 
 
-def test_a_failing_parity_check_serves_on_torch(model_dirs, st_model, monkeypatch, caplog):
+def test_a_cached_start_checks_against_the_stored_torch_rows_without_a_torch_forward(f32, model_dirs, cache,
+                                                                                    st_model, monkeypatch):
+    entry = _entry(cache, "embed")
+    assert "reference.npz" in json.loads((entry / "manifest.json").read_text(encoding="utf-8"))["files"]
+
+    def no_torch(self, batch):
+        raise AssertionError("a torch forward at a cached start")
+
+    monkeypatch.setattr(pytorch.TorchRunner, "run", no_torch)
+    loaded = _load(model_dirs, cache)
+    assert loaded.backend == "openvino" and loaded.runner.cache == "hit"
+    # The vocabulary-sized embedding table stays torch's (memory-mapped): the compiled model takes its output.
+    assert loaded.runner.names[0] == "inputs_embeds" and loaded.runner.embed is not None
+    monkeypatch.undo()
+    ids = [st_model.tokenizer(t)["input_ids"] for t in TEXTS]
+    np.testing.assert_allclose(loaded.runner.run(ids), st_model.encode(TEXTS, normalize_embeddings=False),
+                               rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["no cache", "cache hit"])
+def test_a_failing_parity_check_serves_on_torch(f32, model_dirs, cache, st_model, monkeypatch, caplog, cached):
     real = openvino_runner.OpenVINORunner.run
     monkeypatch.setattr(openvino_runner.OpenVINORunner, "run", lambda self, batch: real(self, batch) + 1e-3)
     with caplog.at_level(logging.WARNING, logger="embedapi.backends"):
-        loaded = _load(model_dirs, None, "auto")
+        loaded = _load(model_dirs, cache if cached else None, "auto")
     assert loaded.backend == "torch" and not loaded.runner.traced  # trace=False asked for
     assert "OpenVINO float32 differs from torch float32 on a batch of 1x5 tokens: max difference" in caplog.text
     ids = [st_model.tokenizer(t)["input_ids"] for t in TEXTS]
@@ -210,9 +230,9 @@ def test_models_say_which_backend_serves_them(app):
 def test_an_openvino_pass_releases_the_gil(f32):
     """A Python thread keeps counting while a pass runs in another: InferRequest.infer does not hold the GIL."""
     runner = f32.models[EMBED].engine.runner.inner
-    ids, mask, _ = pytorch.pad_batch([list(range(10, 1200))] * 4, runner.pad_id, False)
+    _, _, feed = runner.inputs([list(range(10, 1200))] * 4)
     request = runner._request()  # this thread's own, as each lane has
-    request.infer({"input_ids": ids, "attention_mask": mask})
+    request.infer(feed)
     done, box = threading.Event(), [0]
 
     def count() -> None:
@@ -225,7 +245,7 @@ def test_an_openvino_pass_releases_the_gil(f32):
     try:
         worker.start()
         before = box[0]
-        request.infer({"input_ids": ids, "attention_mask": mask})
+        request.infer(feed)
         during = box[0] - before  # if infer held the GIL, `count` could not have run meanwhile
     finally:
         done.set()

@@ -56,8 +56,8 @@ def load_runner(spec: ModelSpec, device: str, requested: str, *, trace: bool, th
     logged) when OpenVINO is missing or its conversion fails the parity check; an explicit `openvino` raises
     ConfigError instead, as serving other vectors than asked for would be a silent surprise.
 
-    With `openvino_max_tokens` > 0, batches wider than that run on a torch runner of the same model (kept in
-    the serving dtype); with 0 every batch runs on OpenVINO and the torch transformer is freed."""
+    With `openvino_max_tokens` > 0, batches wider than that run on an eager torch runner of the same model (in the
+    serving dtype); with 0 every batch runs on OpenVINO and the torch transformer is freed."""
     dtype = pytorch.pick_dtype(spec.dtype, device, spec.kind)  # from this device's own capability
     name = pytorch.dtype_name(dtype)
     picked = choose(requested, device, name, spec.id)
@@ -80,9 +80,12 @@ def load_runner(spec: ModelSpec, device: str, requested: str, *, trace: bool, th
                 note = f"conversion failed ({type(exc).__name__}: {exc})"
             else:
                 if openvino_max_tokens > 0:
+                    # In the serving dtype (loaded as sentence-transformers loads it, rotary buffers in float32),
+                    # eager: tracing it cost ~2.4 s of start-up on the 30m shape and ran batches of 300+ tokens
+                    # no faster (docs/backends.md).
                     long_model = model if same else pytorch.load(spec, device, dtype,
                                                                  pytorch.pick_attention(device, dtype))
-                    runner.long = pytorch.TorchRunner(long_model, device, dtype, spec.kind, trace=trace)
+                    runner.long = pytorch.TorchRunner(long_model, device, dtype, spec.kind, trace=False)
                     runner.max_tokens = openvino_max_tokens
                 return Loaded(runner, model, dtype, attention, "openvino")
             del model

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -32,8 +33,9 @@ from . import pytorch
 
 log = logging.getLogger(__name__)
 
-# Bump when what is exported changes (inputs, wrapper, opset): old cache entries then no longer match.
-FORMAT = 1
+# Bump when what is exported changes (inputs, wrapper, opset, what an entry holds): old entries then no longer
+# match. 2: entries hold the torch float32 reference rows of the parity check (reference.npz).
+FORMAT = 2
 OPSET = 17
 FP32_TOLERANCE = 1e-5  # parity: |OpenVINO - torch eager| in float32, relative to the rows' scale (at least 1)
 BF16_MIN_COSINE = 0.9999  # embeddings in bfloat16: every row's cosine to torch float32
@@ -201,7 +203,7 @@ class OpenVINORunner:
 
     def __init__(self, compiled: Any, kind: str, names: tuple[str, ...], tail: list[Any], output_key: str,
                  module_output: str, pad_id: int, token_types: bool, max_seq_length: int, dtype: torch.dtype,
-                 cache: str | None) -> None:
+                 cache: str | None, embed: Any = None) -> None:
         self.compiled, self.kind, self.names, self.tail = compiled, kind, names, tail
         self.output_key, self.module_output = output_key, module_output
         self.pad_id, self.token_types, self.max_seq_length = pad_id, token_types, max_seq_length
@@ -215,6 +217,14 @@ class OpenVINORunner:
         # slower than torch's fused kernel (docs/backends.md).
         self.long: Any = None
         self.max_tokens = 0
+        # With `embed` (the transformer's input embedding, a torch nn.Embedding) the compiled model takes
+        # inputs_embeds: the lookup runs in torch on its weights (memory-mapped from the model's files and
+        # shared by workers), so OpenVINO holds no copy of the vocabulary-sized table.
+        self.embed = embed
+        self._local = threading.local()
+
+    def forget_requests(self) -> None:
+        """Drop the InferRequests made so far (each keeps buffers sized for the widest batch it ran)."""
         self._local = threading.local()
 
     def _request(self) -> Any:
@@ -223,12 +233,20 @@ class OpenVINORunner:
             request = self._local.request = self.compiled.create_infer_request()
         return request
 
+    def inputs(self, batch: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """(padded ids, attention mask, the compiled model's inputs by name) for a batch."""
+        ids, mask, types = pytorch.pad_batch(batch, self.pad_id, self.token_types)
+        arrays = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+        if self.embed is not None:
+            with torch.inference_mode():
+                arrays["inputs_embeds"] = self.embed(torch.from_numpy(ids)).numpy()
+        return ids, mask, {n: arrays[n] for n in self.names}
+
     def run(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
         if self.long is not None and max(len(s) for s in batch) > self.max_tokens:
             return self.long.run(batch)
-        ids, mask, types = pytorch.pad_batch(batch, self.pad_id, self.token_types)
-        arrays = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
-        result = self._request().infer({n: arrays[n] for n in self.names})
+        ids, mask, feed = self.inputs(batch)
+        result = self._request().infer(feed)
         hidden = np.array(result[0], dtype=np.float32, copy=True)  # the request reuses its output buffer
         if not self.tail:
             out = hidden
@@ -281,6 +299,50 @@ def _rows_differ(kind: str, got: np.ndarray, want: np.ndarray, dtype: torch.dtyp
     return "" if cos.min() >= BF16_MIN_COSINE else f"min row cosine {cos.min():.6f} < {BF16_MIN_COSINE}"
 
 
+def embedding_of(hf_model: torch.nn.Module) -> torch.nn.Embedding | None:
+    """The transformer's input embedding when its forward also takes `inputs_embeds` (Hugging Face's
+    convention: the embedding of input_ids), else None (the compiled model then takes input_ids)."""
+    try:
+        embed = hf_model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    accepted = inspect.signature(hf_model.forward).parameters
+    return embed if isinstance(embed, torch.nn.Embedding) and "inputs_embeds" in accepted else None
+
+
+def save_reference(directory: Path, batches: Sequence[Sequence[Sequence[int]]], rows: Sequence[np.ndarray]) -> None:
+    """The parity check's batches and torch float32 eager's rows for them, kept in the cache entry (its
+    manifest covers the file): a cached start checks OpenVINO against them without running torch."""
+    arrays: dict[str, np.ndarray] = {}
+    for i, (batch, out) in enumerate(zip(batches, rows)):
+        arrays[f"lengths{i}"] = np.array([len(s) for s in batch], dtype=np.int64)
+        arrays[f"ids{i}"] = np.array([t for s in batch for t in s], dtype=np.int64)
+        arrays[f"rows{i}"] = np.asarray(out, dtype=np.float32)
+    np.savez(directory / "reference.npz", **arrays)
+
+
+def load_reference(entry: Path, batches: Sequence[Sequence[Sequence[int]]]
+                   ) -> list[tuple[list[list[int]], np.ndarray]]:
+    """(batch, torch float32 rows) per check batch from an entry; NotConverted when the entry's batches are
+    not the ones this version checks (an entry is then stale, which its key should have said)."""
+    try:
+        with np.load(entry / "reference.npz") as data:
+            out = []
+            for i, batch in enumerate(batches):
+                lengths, flat = data[f"lengths{i}"], data[f"ids{i}"].tolist()
+                stored, at = [], 0
+                for n in lengths.tolist():
+                    stored.append(flat[at:at + n])
+                    at += n
+                if stored != [list(s) for s in batch]:
+                    raise NotConverted(f"the conversion cache entry {entry} checks other batches than this version")
+                out.append((stored, data[f"rows{i}"]))
+    except (OSError, KeyError, ValueError) as exc:
+        raise NotConverted(f"the conversion cache entry {entry} has no readable reference rows "
+                           f"({type(exc).__name__}: {exc})") from exc
+    return out
+
+
 def convert(model: Any, spec: ModelSpec, dtype: torch.dtype, threads: int, streams: int,
             cache_root: str | None, free_torch: bool = True) -> OpenVINORunner:
     """An OpenVINORunner for a float32 sentence-transformers `model`, from the cache or exported now, checked
@@ -299,6 +361,9 @@ def convert(model: Any, spec: ModelSpec, dtype: torch.dtype, threads: int, strea
         raise NotConverted(f"its first module is not a plain {type(hf_model).__name__} forward")
     reference = pytorch.TorchRunner(model, "cpu", torch.float32, spec.kind, trace=False)
     names = pytorch.input_names(hf_model, reference.token_types)
+    embed = embedding_of(hf_model)
+    if embed is not None:
+        names = tuple("inputs_embeds" if n == "input_ids" else n for n in names)
     vocab = int(getattr(hf_model.config, "vocab_size", 0) or len(model.tokenizer))
     key = cache_key(spec, model_directory(spec), names, output)
     store = ConversionCache(cache_root) if cache_root and key else None
@@ -312,14 +377,20 @@ def convert(model: Any, spec: ModelSpec, dtype: torch.dtype, threads: int, strea
 
     started = time.monotonic()
     scratch: Path | None = None
+    check_batches = [pytorch.example_ids(rows, min(width, reference.max_seq_length), vocab, reference.pad_id)
+                     for rows, width in _CHECK_SHAPES]
     if entry is None:
         example_seqs = pytorch.example_ids(2, 24, vocab, reference.pad_id)
         ids, mask, types = pytorch.pad_batch(example_seqs, reference.pad_id, reference.token_types)
         example = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
                    "token_type_ids": torch.from_numpy(types if types is not None else np.zeros_like(ids))}
+        if embed is not None:
+            with torch.inference_mode():
+                example["inputs_embeds"] = embed(example["input_ids"]).clone()
 
         def write(directory: Path) -> None:
             export(hf_model, names, output, example, directory)
+            save_reference(directory, check_batches, [reference.run(b) for b in check_batches])
 
         try:
             if store is None:
@@ -339,24 +410,25 @@ def convert(model: Any, spec: ModelSpec, dtype: torch.dtype, threads: int, strea
     else:
         log.info("%s: OpenVINO conversion cache hit: %s", spec.id, entry)
     try:
+        checks = load_reference(entry, check_batches)
         core = ov.Core()
         make = lambda dt, st: OpenVINORunner(  # noqa: E731
             _compile(core, entry / "model.xml", dt, threads, st), spec.kind, names, list(model)[1:],
             reference.output_key, first.module_output_name, reference.pad_id, reference.token_types,
-            reference.max_seq_length, dt, state)
-        checks = [torch.float32] if dtype == torch.float32 else [torch.float32, dtype]
+            reference.max_seq_length, dt, state, embed)
+        precisions = [torch.float32] if dtype == torch.float32 else [torch.float32, dtype]
         runner = None
         act = pytorch.activation(model)
-        for dt in checks:  # float32 parity first (the conversion itself), then the precision's fidelity
+        for dt in precisions:  # float32 parity first (the conversion itself), then the precision's fidelity
             candidate = make(dt, 1 if dt != dtype else streams)
-            for rows, width in _CHECK_SHAPES:
-                batch = pytorch.example_ids(rows, min(width, reference.max_seq_length), vocab, reference.pad_id)
-                want = reference.run(batch)
+            for batch, want in checks:
                 why = _rows_differ(spec.kind, candidate.run(batch), want, dt, act)
                 if why:
                     raise NotConverted(f"OpenVINO {pytorch.dtype_name(dt)} differs from torch float32 on a batch "
-                                       f"of {rows}x{width} tokens: {why}")
+                                       f"of {len(batch)}x{max(len(s) for s in batch)} tokens: {why}")
             runner = candidate
+        if runner is not None:
+            runner.forget_requests()  # the check's InferRequest holds buffers for its widest batch: not kept
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)  # compiled models hold their weights: files not needed
