@@ -1,7 +1,8 @@
 """Command line: `python -m embedapi config` and `python -m embedapi download [ids...]`.
 
 Neither command imports torch: `download` only fills the Hugging Face cache (so it runs in an image
-build with no GPU), `config` only reads the environment and the models TOML.
+build with no GPU), `config` only reads the environment and the models TOML. `download --convert` also builds
+the OpenVINO conversion cache (docs/backends.md), which loads each model in torch and OpenVINO.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -146,17 +147,18 @@ class Target:
     name: str
     source: str
     revision: str | None
+    spec: ModelSpec | None = None  # the configured model it names (None: a hub id given as is)
 
 
 def _targets(settings: Settings, names: Sequence[str], revision: str | None) -> list[Target]:
     """Configured models (all, or those named by id or alias); an unconfigured name is a hub id."""
     if not names:
-        return [Target(s.id, s.source, revision or s.revision) for s in settings.models]
+        return [Target(s.id, s.source, revision or s.revision, s) for s in settings.models]
     by_name = {n: s for s in settings.models for n in (s.id, *s.aliases)}
     out = []
     for name in names:
         spec = by_name.get(name)
-        out.append(Target(name, spec.source, revision or spec.revision) if spec else Target(name, name, revision))
+        out.append(Target(name, spec.source, revision or spec.revision, spec) if spec else Target(name, name, revision))
     return out
 
 
@@ -195,6 +197,28 @@ def _fetch(target: Target, all_files: bool) -> tuple[bool, str]:
     return True, f"{where} is in the cache: {path}"
 
 
+def _convert(target: Target, settings: Settings) -> tuple[bool, str]:
+    """(ok, message): the model's OpenVINO conversion built into (or found in) the conversion cache, through
+    the loading path the server runs, parity check included."""
+    if target.spec is None:
+        return False, "not a configured model (its kind is unknown): add it to the models file to convert it"
+    spec = replace(target.spec, revision=target.revision)
+    if spec.backend == "torch":
+        return True, 'its entry says backend = "torch": nothing to convert'
+    if settings.conversion_cache.strip().lower() == "off":
+        return False, "EMBEDAPI_CONVERSION_CACHE is off: there is no cache to build"
+    from . import backends
+
+    try:
+        loaded = backends.load_runner(spec, "cpu", "openvino", trace=False, threads=0, streams=1,
+                                      cache_root=settings.conversion_cache)
+    except ConfigError as exc:
+        return False, str(exc)
+    except Exception as exc:  # the model's files, the exporter: one model's problem, reported
+        return False, f"could not convert it ({type(exc).__name__}: {exc})"
+    return True, f"OpenVINO conversion cache {loaded.runner.cache} under {settings.conversion_cache}"
+
+
 def cmd_download(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     targets = _targets(settings, args.ids, args.revision)
@@ -203,10 +227,14 @@ def cmd_download(args: argparse.Namespace) -> int:
         print(f"{target.name}: fetching {target.source}" + (f"@{target.revision}" if target.revision else ""),
               file=sys.stderr, flush=True)
         ok, message = _fetch(target, args.all_files)
+        if ok and args.convert:
+            ok, converted = _convert(target, settings)
+            message += f"; {converted}"
         failed += not ok
         print(f"{'ok' if ok else 'FAILED'} {target.name}: {message}", flush=True)
     if failed:
-        print(f"{failed} of {len(targets)} model(s) could not be fetched", file=sys.stderr)
+        print(f"{failed} of {len(targets)} model(s) could not be fetched" + (" or converted" if args.convert else ""),
+              file=sys.stderr)
         return 1
     return 0
 
@@ -224,6 +252,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_download.add_argument("--revision", help="branch, tag or commit (default: the model's configured revision)")
     p_download.add_argument("--all-files", action="store_true",
                             help="also fetch ONNX / OpenVINO / TF / Flax weights the server never reads")
+    p_download.add_argument("--convert", action="store_true",
+                            help="also build the OpenVINO conversion cache (EMBEDAPI_CONVERSION_CACHE), so the "
+                                 "first start on OpenVINO does not export")
     p_download.set_defaults(func=cmd_download)
     args = parser.parse_args(argv)
     try:

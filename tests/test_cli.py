@@ -91,6 +91,20 @@ def test_download_local_sources_need_nothing(models_file, tmp_path):
     assert out.returncode == 0 and out.stdout.startswith(f"ok {EMBED_ALIAS}: local, nothing to download")
 
 
+def test_download_convert_prebuilds_the_openvino_conversion_cache(models_file, tmp_path):
+    env = {"EMBEDAPI_MODELS_FILE": str(models_file), "EMBEDAPI_CONVERSION_CACHE": str(tmp_path / "ov")}
+    out = run("download", "--convert", EMBED, RERANK, env=env, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = {line.split(":")[0]: line for line in out.stdout.splitlines()}
+    for model in (EMBED, RERANK):
+        assert lines[f"ok {model}"].endswith(f"; OpenVINO conversion cache built under {tmp_path / 'ov'}"), lines
+    assert len([p for p in (tmp_path / "ov").iterdir() if (p / "manifest.json").exists()]) == 2
+    again = run("download", "--convert", EMBED, env=env, timeout=300)
+    assert again.returncode == 0 and "OpenVINO conversion cache hit" in again.stdout, again.stdout + again.stderr
+    off = run("download", "--convert", EMBED, env={**env, "EMBEDAPI_CONVERSION_CACHE": "off"}, timeout=300)
+    assert off.returncode == 1 and "EMBEDAPI_CONVERSION_CACHE is off" in off.stdout
+
+
 def test_download_offline_id_not_in_cache_fails_clearly(tmp_path):
     out = run("download", "cl-nagoya/not-in-this-cache", env={"HF_HOME": str(tmp_path / "hf")})
     assert out.returncode == 1
