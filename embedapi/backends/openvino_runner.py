@@ -346,9 +346,10 @@ def load_reference(entry: Path, batches: Sequence[Sequence[Sequence[int]]]
 def convert(model: Any, spec: ModelSpec, dtype: torch.dtype, threads: int, streams: int,
             cache_root: str | None, free_torch: bool = True) -> OpenVINORunner:
     """An OpenVINORunner for a float32 sentence-transformers `model`, from the cache or exported now, checked
-    against torch float32 eager; NotConverted (with the reason) when it cannot serve faithfully. On success,
-    with `free_torch`, the torch copy of the transformer is freed (the tokenizer and the modules after it
-    stay)."""
+    against torch float32 eager's rows (computed at export and kept in the cache entry, so a cached start runs
+    no torch forward); NotConverted (with the reason) when it cannot serve faithfully. On success, with
+    `free_torch`, the torch copy of the transformer is freed (the tokenizer, its input embedding, which the
+    runner looks up in torch, and the modules after it stay)."""
     import openvino as ov
 
     if pytorch.dtype_name(dtype) not in _PRECISION:
