@@ -6,6 +6,10 @@
     python bench/backends.py --fidelity [--quick]      # bfloat16 against float32 on the 30m embedding shape and
                                                         # the reranker-310m shape (random weights): cosine, scores,
                                                         # top-document changes in groups of 20
+    python bench/backends.py --passes [--seconds S]    # OpenVINO float32, paired: batches cut into passes of
+                                                        # PASS_TOKENS padded tokens (the runner's way) against
+                                                        # whole batches, 2 passes side by side x 1 thread each;
+                                                        # and each way's RssAnon in a fresh process
 
 Models are random-weight Ruri v3 shapes (tests/synthetic_models.py), built under --dir (default a temporary
 directory). Runners come from embedapi.backends.load_runner, as the registry loads them (torch traced; OpenVINO
@@ -106,6 +110,54 @@ def forward_table(root: Path, cache: Path, seconds: float, quick: bool) -> None:
                           + " |", flush=True)
 
 
+_BULK = ((32, 50), (64, 30), (32, 120), (16, 250), (128, 16))  # (texts, tokens) of one pass: over PASS_TOKENS
+
+
+def _anon_mb() -> int:
+    with open("/proc/self/status", encoding="ascii") as f:
+        return next(int(line.split()[1]) // 1024 for line in f if line.startswith("RssAnon"))
+
+
+def passes(root: Path, cache: Path, seconds: float, rounds: int = 2) -> None:
+    """Speed, alternated in one process; then memory, each way in its own process (buffers only grow)."""
+    from embedapi.backends import openvino_runner
+
+    path = _build(root, "embed-30m", "embedding", RURI_V3_SHAPES["ruri-v3-30m"])
+    if os.environ.get("_BENCH_PASSES_MEMORY"):  # the child: run every shape twice, print RssAnon before/after
+        openvino_runner.PASS_TOKENS = int(os.environ["_BENCH_PASSES_MEMORY"])
+        runner = _runner(path, "embedding", "openvino", "float32", 2, 2, cache)
+        before = _anon_mb()
+        for rows, tokens in _BULK * 2:
+            runner.run([[10 + (i * 7 + j) % 1900 for j in range(tokens)] for i in range(rows)])
+        print(f"{before} {_anon_mb()}")
+        return
+    runner = _runner(path, "embedding", "openvino", "float32", 2, 2, cache)
+    whole, split = 1 << 30, openvino_runner.PASS_TOKENS
+    rng = np.random.default_rng(0)
+    print(f"OpenVINO float32, ruri-v3-30m shape, 2 passes side by side x 1 thread, texts/s ({os.cpu_count()} CPUs, "
+          f"{seconds:g}s per cell, {rounds} rounds alternated)\n")
+    print(f"| texts x tokens | whole batch | passes of {split} tokens | ratio |")
+    print("| --- | --- | --- | --- |")
+    for rows, tokens in _BULK:
+        batch = [[int(i) for i in rng.integers(10, 2000, tokens)] for _ in range(rows)]
+        rates: dict[int, list[float]] = {whole: [], split: []}
+        for _ in range(rounds):
+            for budget in (whole, split):
+                openvino_runner.PASS_TOKENS = budget
+                rates[budget].append(side_by_side_rate(runner, batch, 1, 2, seconds))
+        a, b = np.mean(rates[whole]), np.mean(rates[split])
+        print(f"| {rows} x {tokens} | {a:.1f} | {b:.1f} | {b / a:.2f}x |", flush=True)
+    openvino_runner.PASS_TOKENS = split
+    import subprocess
+
+    for budget in (whole, split):
+        env = {**os.environ, "_BENCH_PASSES_MEMORY": str(budget)}
+        out = subprocess.run([sys.executable, __file__, "--passes", "--dir", str(root)], env=env, check=True,
+                             capture_output=True, text=True).stdout.split()
+        label = "whole batches" if budget == whole else f"passes of {split} tokens"
+        print(f"RssAnon after loading / after every shape twice, {label}: {out[-2]} / {out[-1]} MB", flush=True)
+
+
 def fidelity(root: Path, cache: Path, quick: bool) -> None:
     """bfloat16 against float32 (sentence-transformers' own encode / predict) on each backend."""
     from sentence_transformers import CrossEncoder, SentenceTransformer
@@ -159,12 +211,15 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer cells, shorter runs, smaller reranker")
     parser.add_argument("--seconds", type=float, default=0.0, help="per cell (default 3, --quick 0.5)")
     parser.add_argument("--fidelity", action="store_true", help="bfloat16 fidelity instead of the speed table")
+    parser.add_argument("--passes", action="store_true", help="OpenVINO passes of PASS_TOKENS against whole batches")
     parser.add_argument("--dir", type=Path, help="where the models and conversions go (kept between runs)")
     args = parser.parse_args()
     root = args.dir or Path(tempfile.mkdtemp(prefix="embedapi-bench-backends-"))
     cache = root / "conversion-cache"
     if args.fidelity:
         fidelity(root, cache, args.quick)
+    elif args.passes:
+        passes(root, cache, args.seconds or 3.0)
     else:
         forward_table(root, cache, args.seconds or (0.5 if args.quick else 3.0), args.quick)
     return 0

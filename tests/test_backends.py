@@ -90,6 +90,37 @@ def test_batches_wider_than_the_openvino_limit_run_on_torch_and_are_still_encode
     np.testing.assert_allclose(_embed(f32, texts), want, rtol=0, atol=1e-5)
 
 
+def test_a_batch_over_the_pass_budget_runs_as_several_passes_and_is_still_encode(f32, st_model, monkeypatch):
+    """OpenVINO keeps each stream's buffers at the largest shape it ran: big batches run in passes of at most
+    PASS_TOKENS padded tokens, consecutive rows each, and give the same rows as one encode."""
+    runner = f32.models[EMBED].engine.runner.inner
+    passes: list[tuple[int, int]] = []
+    whole = runner._pass
+
+    def counted(batch):
+        passes.append((len(batch), max(len(s) for s in batch)))
+        return whole(batch)
+
+    monkeypatch.setattr(runner, "_pass", counted)
+    texts = [TEXTS[i % 2] * (1 + i % 3) for i in range(40)]
+    loaded = f32.models[EMBED]
+    seqs = [loaded.encoder.single(i) for i in loaded.encoder.ids(texts)]
+    order = sorted(range(len(texts)), key=lambda i: len(seqs[i]))  # as the engine sorts a batch
+    batch = [seqs[i] for i in order]
+    assert len(batch) * len(batch[-1]) > openvino_runner.PASS_TOKENS
+    got = runner.run(batch)
+    assert len(passes) > 1 and sum(n for n, _ in passes) == len(batch)
+    assert all(n * w <= openvino_runner.PASS_TOKENS for n, w in passes)
+    want = st_model.encode([texts[i] for i in order], batch_size=len(texts), normalize_embeddings=False)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_pass_bounds_keep_consecutive_rows_within_the_budget():
+    assert openvino_runner.pass_bounds([10] * 100, 512) == [(0, 51), (51, 100)]
+    assert openvino_runner.pass_bounds([5, 5, 100, 300, 600, 20], 512) == [(0, 3), (3, 4), (4, 5), (5, 6)]
+    assert openvino_runner.pass_bounds([7], 512) == [(0, 1)]
+
+
 def test_bfloat16_keeps_cosine_and_scores_and_reuses_the_float32_conversion(f32, model_dirs, cache, st_model,
                                                                              ce_model, tmp_path, caplog):
     with caplog.at_level(logging.INFO):

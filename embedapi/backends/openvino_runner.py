@@ -43,6 +43,12 @@ BF16_MAX_SCORE_DELTA = 2e-3  # rerank in bfloat16: |score - torch float32 score|
 _PRECISION = {"float32": "f32", "bfloat16": "bf16"}
 _CHECK_SHAPES = ((1, 5), (3, 150), (2, 300))  # around and past ModernBERT's 128-token local window
 RUNTIME_CACHE_SHAPES = 32  # OpenVINO CPU plugin's kernel cache, in input shapes (its default: 5000)
+# Padded tokens (rows x width) per OpenVINO inference: a wider batch runs as several passes of consecutive rows
+# (the engine sorts a batch by length). Each stream keeps its intermediate buffers at the largest shape it has
+# run and never gives them back (CompiledModel.release_memory corrupts the heap of a dynamic-shape model in
+# 2026.4), so this bounds a worker's memory; passes of 512 tokens also ran as fast or faster than whole batches
+# of 1,000-4,000 (docs/backends.md).
+PASS_TOKENS = 512
 _SKIP_DIRS = {"onnx", "openvino"}  # exports shipped with a hub repo: not what is converted here
 
 
@@ -239,8 +245,14 @@ class OpenVINORunner:
         return ids, mask, {n: arrays[n] for n in self.names}
 
     def run(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
-        if self.long is not None and max(len(s) for s in batch) > self.max_tokens:
+        width = max(len(s) for s in batch)
+        if self.long is not None and width > self.max_tokens:
             return self.long.run(batch)
+        if len(batch) * width <= PASS_TOKENS:
+            return self._pass(batch)
+        return np.concatenate([self._pass(batch[a:b]) for a, b in pass_bounds([len(s) for s in batch])])
+
+    def _pass(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
         ids, mask, feed = self.inputs(batch)
         result = self._request().infer(feed)
         hidden = np.array(result[0], dtype=np.float32, copy=True)  # the request reuses its output buffer
@@ -256,6 +268,21 @@ class OpenVINORunner:
         if self.kind == "rerank":
             out = out.reshape(len(batch), -1)[:, 0]
         return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def pass_bounds(lengths: Sequence[int], budget: int | None = None) -> list[tuple[int, int]]:
+    """[start, end) of consecutive rows whose padded size (rows x their widest) stays within `budget` tokens
+    (PASS_TOKENS); a row wider than the budget is a pass of its own."""
+    budget = PASS_TOKENS if budget is None else budget
+    bounds, start, widest = [], 0, 0
+    for i, n in enumerate(lengths):
+        wider = max(widest, n)
+        if i > start and (i - start + 1) * wider > budget:
+            bounds.append((start, i))
+            start, wider = i, n
+        widest = wider
+    bounds.append((start, len(lengths)))
+    return bounds
 
 
 class NotConverted(Exception):
