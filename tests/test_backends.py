@@ -91,8 +91,8 @@ def test_batches_wider_than_the_openvino_limit_run_on_torch_and_are_still_encode
 
 
 def test_a_batch_over_the_pass_budget_runs_as_several_passes_and_is_still_encode(f32, st_model, monkeypatch):
-    """OpenVINO keeps each stream's buffers at the largest shape it ran: big batches run in passes of at most
-    PASS_TOKENS padded tokens, consecutive rows each, and give the same rows as one encode."""
+    """OpenVINO keeps what each stream allocated for every shape it ran, more for bigger ones: big batches run in
+    passes of at most PASS_TOKENS padded tokens, consecutive rows each, and give the same rows as one encode."""
     runner = f32.models[EMBED].engine.runner.inner
     passes: list[tuple[int, int]] = []
     whole = runner._pass

@@ -41,13 +41,15 @@ FP32_TOLERANCE = 1e-5  # parity: |OpenVINO - torch eager| in float32, relative t
 BF16_MIN_COSINE = 0.9999  # embeddings in bfloat16: every row's cosine to torch float32
 BF16_MAX_SCORE_DELTA = 2e-3  # rerank in bfloat16: |score - torch float32 score| after the activation
 _PRECISION = {"float32": "f32", "bfloat16": "bf16"}
-_CHECK_SHAPES = ((1, 5), (3, 150), (2, 300))  # around and past ModernBERT's 128-token local window
+# Around and past ModernBERT's 128-token local window; checked through `run`, as served (so 2 x 300 runs as two
+# passes of one row: 3 x 150 is the padded batch past the window).
+_CHECK_SHAPES = ((1, 5), (3, 150), (2, 300))
 RUNTIME_CACHE_SHAPES = 32  # OpenVINO CPU plugin's kernel cache, in input shapes (its default: 5000)
 # Padded tokens (rows x width) per OpenVINO inference: a wider batch runs as several passes of consecutive rows
-# (the engine sorts a batch by length). Each stream keeps its intermediate buffers at the largest shape it has
-# run and never gives them back (CompiledModel.release_memory corrupts the heap of a dynamic-shape model in
-# 2026.4), so this bounds a worker's memory; passes of 512 tokens also ran as fast or faster than whole batches
-# of 1,000-4,000 (docs/backends.md).
+# (the engine sorts a batch by length). Each stream keeps what it allocated for every input shape it has run,
+# more for bigger shapes, and never gives it back (CompiledModel.release_memory corrupts the heap of this
+# dynamic-shape model on 2026.4), so small passes keep a worker's memory down; passes of 512 tokens also ran
+# 1.01-1.14x as fast as whole batches of 1,600-4,000 tokens (docs/backends.md, docs/benchmarks.md).
 PASS_TOKENS = 512
 _SKIP_DIRS = {"onnx", "openvino"}  # exports shipped with a hub repo: not what is converted here
 
