@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -148,8 +149,6 @@ def passes(root: Path, cache: Path, seconds: float, rounds: int = 2) -> None:
         a, b = np.mean(rates[whole]), np.mean(rates[split])
         print(f"| {rows} x {tokens} | {a:.1f} | {b:.1f} | {b / a:.2f}x |", flush=True)
     openvino_runner.PASS_TOKENS = split
-    import subprocess
-
     for budget in (whole, split):
         env = {**os.environ, "_BENCH_PASSES_MEMORY": str(budget)}
         out = subprocess.run([sys.executable, __file__, "--passes", "--dir", str(root)], env=env, check=True,

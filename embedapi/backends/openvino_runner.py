@@ -252,7 +252,7 @@ class OpenVINORunner:
             return self.long.run(batch)
         if len(batch) * width <= PASS_TOKENS:
             return self._pass(batch)
-        return np.concatenate([self._pass(batch[a:b]) for a, b in pass_bounds([len(s) for s in batch])])
+        return np.concatenate([self._pass(batch[a:b]) for a, b in pass_bounds([len(s) for s in batch], PASS_TOKENS)])
 
     def _pass(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
         ids, mask, feed = self.inputs(batch)
@@ -272,17 +272,15 @@ class OpenVINORunner:
         return np.ascontiguousarray(out, dtype=np.float32)
 
 
-def pass_bounds(lengths: Sequence[int], budget: int | None = None) -> list[tuple[int, int]]:
-    """[start, end) of consecutive rows whose padded size (rows x their widest) stays within `budget` tokens
-    (PASS_TOKENS); a row wider than the budget is a pass of its own."""
-    budget = PASS_TOKENS if budget is None else budget
+def pass_bounds(lengths: Sequence[int], budget: int) -> list[tuple[int, int]]:
+    """[start, end) of consecutive rows whose padded size (rows x their widest) stays within `budget` tokens; a
+    row wider than the budget is a pass of its own."""
     bounds, start, widest = [], 0, 0
     for i, n in enumerate(lengths):
-        wider = max(widest, n)
-        if i > start and (i - start + 1) * wider > budget:
+        widest = max(widest, n)
+        if i > start and (i - start + 1) * widest > budget:
             bounds.append((start, i))
-            start, wider = i, n
-        widest = wider
+            start, widest = i, n
     bounds.append((start, len(lengths)))
     return bounds
 
