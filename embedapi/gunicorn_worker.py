@@ -183,6 +183,41 @@ class DeadlineUnreader(SocketUnreader):
         return data
 
 
+class _CoalescingSocket:
+    """The client socket while one request is answered: the response head is held back and goes out with the
+    body's first bytes in one send. Gunicorn sends them apart: two system calls per response, each also
+    handing the GIL to another thread. Anything else done with the socket (sendfile needs its fileno) sends a
+    held head first, and the worker sends it when the request ends (a response with no body)."""
+
+    __slots__ = ("_sock", "_head", "_started")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock, self._head, self._started = sock, b"", False
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        if not self._started:
+            self._started = True
+            if len(data) <= HEAD_BUFFER_LIMIT:
+                self._head = bytes(data)
+                return
+        head, self._head = self._head, b""
+        self._sock.sendall(head + bytes(data) if head else data, flags)
+
+    def flush(self) -> None:
+        self._started = True
+        head, self._head = self._head, b""
+        if head:
+            self._sock.sendall(head)
+
+    def fileno(self) -> int:
+        self.flush()
+        return self._sock.fileno()
+
+    def __getattr__(self, name: str) -> Any:
+        self.flush()
+        return getattr(self._sock, name)
+
+
 class _ErrorCapture:
     """Stands for the client socket while Gunicorn writes its HTML error page (gunicorn.util.write_error)."""
 
@@ -228,6 +263,15 @@ class DeadlineThreadWorker(gthread.ThreadWorker):
         self.heads: dict[DeadlineConn, None] = {}  # connections whose head the main loop is collecting
         self.lingering: dict[socket.socket, float] = {}  # closing sockets -> drain deadline
         self.metrics: Any = None  # the app's Metrics (embedapi_handoff_seconds), once the app is loaded
+        self._notified = float("-inf")
+
+    def notify(self) -> None:
+        """The heartbeat (the tmp file's mtime the arbiter watches), at most about once a second: stock gthread
+        touches it on every turn of the main loop, a system call per request under load."""
+        now = time.monotonic()
+        if now - self._notified >= min(1.0, self.timeout / 4):
+            self._notified = now
+            super().notify()
 
     def run(self) -> None:
         self.deadlines = Deadlines.of(self.wsgi)
@@ -281,12 +325,17 @@ class DeadlineThreadWorker(gthread.ThreadWorker):
             pass
 
     def on_client_socket_readable(self, conn: DeadlineConn, client: Any) -> None:
-        """A kept-alive connection's next request starts: collect its head in the main loop too."""
+        """A kept-alive connection's next request starts: collect its head in the main loop too.
+
+        The socket stays registered while its head is read (its callback swapped in place), so a head that
+        comes in one read, the usual case, costs one poller change (the unregister) instead of three: each is
+        a system call that also hands the GIL to another thread."""
         if not conn.poll_head:
             return super().on_client_socket_readable(conn, client)
-        self.poller.unregister(client)
         self.keepalived_conns.remove(conn)
-        self._await_head(conn)
+        conn.start_head(time.monotonic())
+        self.heads[conn] = None
+        self.poller.modify(client, selectors.EVENT_READ, partial(self._on_head_readable, conn))
         self._on_head_readable(conn)
 
     def finish_request(self, conn: DeadlineConn, fs: Any) -> None:
@@ -315,9 +364,17 @@ class DeadlineThreadWorker(gthread.ThreadWorker):
     def handle_request(self, req: Any, conn: DeadlineConn) -> Any:
         conn.phase, conn.body_start, conn.body_bytes, conn.req = "body", time.monotonic(), 0, req
         take_rows_ready()  # nothing left over from an earlier request of this thread
+        real = conn.sock
+        if conn.poll_head:
+            conn.sock = _CoalescingSocket(real)  # type: ignore[assignment]
         try:
             return super().handle_request(req, conn)
         finally:
+            if conn.sock is not real:
+                try:
+                    conn.sock.flush()
+                finally:
+                    conn.sock = real
             conn.phase, conn.req = None, None
             ready = take_rows_ready()  # the response is written (or failed): the hand-off time
             if ready is not None and self.metrics is not None:

@@ -22,6 +22,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # call holds ~150-200 bytes of intermediate state per token (tokens, offsets, masks) until it returns, so one
 # call over a 32 MB body peaked at gigabytes; between pieces the caller's client-gone check runs.
 TOKENIZE_CHUNK_CHARS = 131_072
+# A lone text up to this long is tokenized holding the GIL (TextEncoder.ids): about 0.2 ms at most.
+SINGLE_ENCODE_CHARS = 512
 
 _PROBE_A = "テスト"
 _PROBE_B = "サンプル"
@@ -94,8 +96,14 @@ class TextEncoder:
         self._tokenizer = tokenizer
 
     def ids(self, texts: Sequence[str]) -> list[list[int]]:
-        """Bare token ids (no special tokens) of each text, in one batched call."""
+        """Bare token ids (no special tokens) of each text, in one batched call.
+
+        One short text (a query, the commonest request) goes through `encode`, which keeps the GIL for its few
+        microseconds; `encode_batch` releases it, and taking it back among the request threads costs more
+        than the tokenization."""
         if self._backend is not None:
+            if len(texts) == 1 and len(texts[0]) <= SINGLE_ENCODE_CHARS:
+                return [self._backend.encode(texts[0], add_special_tokens=False).ids]
             return [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=False)]
         return self._tokenizer(list(texts), add_special_tokens=False)["input_ids"]
 
@@ -104,8 +112,8 @@ class TextEncoder:
         """Bare ids of each text in order, tokenized in pieces of ~`chunk_chars` characters.
 
         The peak memory of a request is then that of one piece, not of the whole request (the caller keeps
-        only the truncated ids), and before each piece `gone()` is asked: a departed client's request stops
-        costing CPU (ClientGone).
+        only the truncated ids), and before each piece of a request of several `gone()` is asked: a departed
+        client's request stops costing CPU (ClientGone).
         """
         total = sum(len(t) for t in texts)
         start = done = 0
@@ -114,7 +122,8 @@ class TextEncoder:
             while end < len(texts) and (size < chunk_chars or end == start):
                 size += len(texts[end])
                 end += 1
-            if gone is not None and gone():
+            # Not before a lone piece: the request was read just now, and a check costs a system call.
+            if gone is not None and (start > 0 or end < len(texts)) and gone():
                 log.info("client gone: tokenization stopped after %d of %d characters (%d of %d texts)",
                          done, total, start, len(texts))
                 raise ClientGone()
