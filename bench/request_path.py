@@ -4,8 +4,8 @@
 Starts the real server (1 worker, defaults) on a synthetic model, drives it with wrk (`-t2 -c32`, one
 distinct ~14-token text per request, keep-alive) and reads, before and after, the CPU time of every
 thread of the worker from /proc/<pid>/task: threads named `embedapi-lane` (the forward lanes and the
-OpenMP threads they start) are the forward passes, everything else (Gunicorn's main loop, the request
-threads, the tokenizer) is "the rest". It also reads `embedapi_handoff_seconds` (rows computed ->
+OpenMP threads they start) and `embedapi-ov` (OpenVINO's) are the forward passes, everything else
+(Gunicorn's main loop, the request threads, the tokenizer) is "the rest". It also reads `embedapi_handoff_seconds` (rows computed ->
 response written) from /metrics, and measures raw float32 `SentenceTransformer.encode` (bs 32) of the
 same texts in this process for the ratio, the idle single-request p50 against a raw single encode, and
 the worker's RSS over the run.
@@ -44,7 +44,7 @@ from tests.server import call  # noqa: E402
 CLIENTS = 32
 TOKENS = 14
 TICK = os.sysconf("SC_CLK_TCK")
-LANE = "embedapi-lane"
+LANE = "embedapi-"  # the engine's lanes (embedapi-lane, with the OpenMP threads they start) and OpenVINO's (embedapi-ov)
 SHAPES = {"30m": ("embedding", bm.RURI_V3_SHAPES["ruri-v3-30m"]), "tiny": ("embedding", bm.SMOKE_SHAPE)}
 WRK_LUA = """
 local bodies = {}
@@ -69,8 +69,8 @@ def thread_cpu(pid: int) -> dict[str, float]:
         comm = stat[stat.index("(") + 1: stat.rindex(")")]
         fields = stat[stat.rindex(")") + 2:].split()
         seconds = (int(fields[11]) + int(fields[12])) / TICK
-        out["lanes" if comm.startswith(LANE[:15]) else "rest"] += seconds
-        if not comm.startswith(LANE[:15]):
+        out["lanes" if comm.startswith(LANE) else "rest"] += seconds
+        if not comm.startswith(LANE):
             out["rest_sys"] += int(fields[12]) / TICK
         if task.name == str(pid):  # Gunicorn's main loop: accepting, collecting heads, keep-alive
             out["main"] += seconds

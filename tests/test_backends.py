@@ -283,3 +283,17 @@ def test_an_openvino_pass_releases_the_gil(f32):
         worker.join()
         sys.setswitchinterval(interval)
     assert during > 1000
+
+
+def test_openvinos_threads_are_named_for_top_and_the_benchmark(f32):
+    """The plugin's threads, started while the model loads, are `embedapi-ov` (bench/request_path.py counts them
+    as forward passes); the loading thread gets its own name back."""
+    from embedapi.backends.openvino_runner import OV_THREAD_NAME, os_thread_name
+
+    names = [(task / "comm").read_text().strip() for task in Path("/proc/self/task").iterdir()]
+    assert OV_THREAD_NAME.decode() in names
+    own = Path(f"/proc/self/task/{threading.get_native_id()}/comm")
+    before = own.read_text()
+    with os_thread_name(b"embedapi-test"):
+        assert own.read_text().strip() == "embedapi-test"
+    assert own.read_text() == before

@@ -9,6 +9,7 @@ and the checks are described in docs/backends.md.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import hashlib
 import inspect
@@ -21,9 +22,10 @@ import tempfile
 import threading
 import time
 import warnings
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -285,6 +287,29 @@ def pass_bounds(lengths: Sequence[int], budget: int) -> list[tuple[int, int]]:
     return bounds
 
 
+# What `top -H` and /proc/<pid>/task/*/comm show for OpenVINO's own threads (its streams run the passes, not the
+# engine's lanes), so bench/request_path.py counts their CPU as forward passes.
+OV_THREAD_NAME = b"embedapi-ov"
+
+
+@contextmanager
+def os_thread_name(name: bytes) -> Iterator[None]:
+    """The calling thread named `name` at the OS level for a while (Linux prctl; elsewhere nothing): threads it
+    starts meanwhile keep the name."""
+    try:
+        prctl = ctypes.CDLL(None).prctl
+        old = ctypes.create_string_buffer(16)
+        prctl(16, old, 0, 0, 0)  # PR_GET_NAME
+        prctl(15, ctypes.c_char_p(name[:15]), 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        prctl(15, old, 0, 0, 0)
+
+
 class NotConverted(Exception):
     """The model cannot serve on OpenVINO (why is the message); the caller falls back to torch."""
 
@@ -441,14 +466,15 @@ def convert(model: Any, spec: ModelSpec, dtype: torch.dtype, threads: int, strea
         precisions = [torch.float32] if dtype == torch.float32 else [torch.float32, dtype]
         runner = None
         act = pytorch.activation(model)
-        for dt in precisions:  # float32 parity first (the conversion itself), then the precision's fidelity
-            candidate = make(dt, 1 if dt != dtype else streams)
-            for batch, want in checks:
-                why = _rows_differ(spec.kind, candidate.run(batch), want, dt, act)
-                if why:
-                    raise NotConverted(f"OpenVINO {pytorch.dtype_name(dt)} differs from torch float32 on a batch "
-                                       f"of {len(batch)}x{max(len(s) for s in batch)} tokens: {why}")
-            runner = candidate
+        with os_thread_name(OV_THREAD_NAME):  # the plugin's threads, started here, inherit the name
+            for dt in precisions:  # float32 parity first (the conversion itself), then the precision's fidelity
+                candidate = make(dt, 1 if dt != dtype else streams)
+                for batch, want in checks:
+                    why = _rows_differ(spec.kind, candidate.run(batch), want, dt, act)
+                    if why:
+                        raise NotConverted(f"OpenVINO {pytorch.dtype_name(dt)} differs from torch float32 on a "
+                                           f"batch of {len(batch)}x{max(len(s) for s in batch)} tokens: {why}")
+                runner = candidate
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)  # compiled models hold their weights: files not needed
