@@ -297,3 +297,27 @@ def test_openvinos_threads_are_named_for_top_and_the_benchmark(f32):
     with os_thread_name(b"embedapi-test"):
         assert own.read_text().strip() == "embedapi-test"
     assert own.read_text() == before
+
+
+def test_a_bfloat16_start_on_a_float32_verified_entry_compiles_bfloat16_only(f32, model_dirs, cache, monkeypatch):
+    """The float32 parity check marks the entry once; a later bfloat16 start on it skips the float32 compile
+    (its fidelity check against the stored torch rows still runs). Without the mark, float32 is checked first."""
+    entry = _entry(cache, "embed")
+    assert (entry / openvino_runner.VERIFIED).is_file()  # the float32 loads above passed the check on it
+    compiled = []
+    real = openvino_runner._compile
+
+    def spy(core, xml, dtype, threads, streams):
+        compiled.append(pytorch.dtype_name(dtype))
+        return real(core, xml, dtype, threads, streams)
+
+    monkeypatch.setattr(openvino_runner, "_compile", spy)
+    spec = ModelSpec(id="t", source=str(model_dirs["embed"]), kind="embedding", dtype="bfloat16")
+    loaded = backends.load_runner(spec, "cpu", "openvino", trace=False, threads=1, streams=1, cache_root=str(cache))
+    assert loaded.backend == "openvino" and loaded.runner.cache == "hit" and compiled == ["bfloat16"]
+
+    (entry / openvino_runner.VERIFIED).unlink()
+    compiled.clear()
+    loaded = backends.load_runner(spec, "cpu", "openvino", trace=False, threads=1, streams=1, cache_root=str(cache))
+    assert loaded.backend == "openvino" and compiled == ["float32", "bfloat16"]
+    assert (entry / openvino_runner.VERIFIED).is_file()

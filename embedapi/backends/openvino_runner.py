@@ -274,6 +274,21 @@ class OpenVINORunner:
         return np.ascontiguousarray(out, dtype=np.float32)
 
 
+# A file an entry gets once its IR has passed the float32 parity check (outside the manifest: the entry's files
+# are never rewritten, and a new entry starts without it). A bfloat16 start on such an entry compiles bfloat16
+# only and checks its fidelity against the stored torch rows; without the file it checks float32 first.
+VERIFIED = "float32-verified"
+
+
+def mark_verified(entry: Path) -> None:
+    if (entry / VERIFIED).is_file():
+        return
+    try:
+        (entry / VERIFIED).write_text(json.dumps({"versions": versions()}, sort_keys=True), encoding="utf-8")
+    except OSError:  # a read-only cache (a shared volume): float32 is checked at every bfloat16 start instead
+        pass
+
+
 def pass_bounds(lengths: Sequence[int], budget: int) -> list[tuple[int, int]]:
     """[start, end) of consecutive rows whose padded size (rows x their widest) stays within `budget` tokens; a
     row wider than the budget is a pass of its own."""
@@ -464,6 +479,8 @@ def convert(model: Any, spec: ModelSpec, dtype: torch.dtype, threads: int, strea
             reference.output_key, first.module_output_name, reference.pad_id, reference.token_types,
             reference.max_seq_length, dt, state, embed)
         precisions = [torch.float32] if dtype == torch.float32 else [torch.float32, dtype]
+        if dtype != torch.float32 and state == "hit" and (entry / VERIFIED).is_file():
+            precisions = [dtype]  # the entry passed the float32 check at an earlier load: no float32 compile now
         runner = None
         act = pytorch.activation(model)
         with os_thread_name(OV_THREAD_NAME):  # the plugin's threads, started here, inherit the name
@@ -474,6 +491,8 @@ def convert(model: Any, spec: ModelSpec, dtype: torch.dtype, threads: int, strea
                     if why:
                         raise NotConverted(f"OpenVINO {pytorch.dtype_name(dt)} differs from torch float32 on a "
                                            f"batch of {len(batch)}x{max(len(s) for s in batch)} tokens: {why}")
+                if dt == torch.float32 and store is not None and scratch is None:
+                    mark_verified(entry)
                 runner = candidate
     finally:
         if scratch is not None:
