@@ -93,11 +93,13 @@ class CombiningStreamHandler(logging.StreamHandler):
         self._queued: collections.deque[str] = collections.deque()
         self._writing = threading.Lock()
 
-    def handle(self, record: logging.LogRecord) -> bool:  # logging.Handler.handle without the handler's lock
-        ok = bool(self.filter(record))
-        if ok:
+    def handle(self, record: logging.LogRecord) -> Any:  # logging.Handler.handle without the handler's lock
+        rv = self.filter(record)
+        if isinstance(rv, logging.LogRecord):  # Python 3.12+: a filter may hand back a changed record
+            record = rv
+        if rv:
             self.emit(record)
-        return ok
+        return rv
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
