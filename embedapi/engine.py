@@ -11,7 +11,6 @@ lanes, which on CPU keep a pass free for queries. docs/scheduling.md has the rul
 
 from __future__ import annotations
 
-import ctypes
 import itertools
 import logging
 import threading
@@ -23,20 +22,11 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 
 from .errors import ClientGone, QueueFull
+from .osthreads import name_os_thread
 
 log = logging.getLogger(__name__)
 
 LANE_THREAD_NAME = b"embedapi-lane"  # what `top -H`, py-spy and /proc/<pid>/task/*/comm show for a lane
-
-
-def _name_os_thread(name: bytes) -> None:
-    """Give the calling thread an OS-level name (Linux prctl PR_SET_NAME; elsewhere nothing), so the
-    forward lanes and the OpenMP threads they start can be told apart from request threads in `top -H`
-    and in bench/request_path.py's CPU split."""
-    try:
-        ctypes.CDLL(None).prctl(15, ctypes.c_char_p(name[:15]), 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
 
 
 class Runner(Protocol):
@@ -225,7 +215,7 @@ class DeviceSlots:
 
     # -- the lanes ---------------------------------------------------------------------
     def _lane(self) -> None:
-        _name_os_thread(LANE_THREAD_NAME)
+        name_os_thread(LANE_THREAD_NAME)
         done: _Pick | None = None
         while True:
             with self._cond:

@@ -288,7 +288,8 @@ def test_an_openvino_pass_releases_the_gil(f32):
 def test_openvinos_threads_are_named_for_top_and_the_benchmark(f32):
     """The plugin's threads, started while the model loads, are `embedapi-ov` (bench/request_path.py counts them
     as forward passes); the loading thread gets its own name back."""
-    from embedapi.backends.openvino_runner import OV_THREAD_NAME, os_thread_name
+    from embedapi.backends.openvino_runner import OV_THREAD_NAME
+    from embedapi.osthreads import os_thread_name
 
     names = [(task / "comm").read_text().strip() for task in Path("/proc/self/task").iterdir()]
     assert OV_THREAD_NAME.decode() in names

@@ -9,7 +9,6 @@ and the checks are described in docs/backends.md.
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import hashlib
 import inspect
@@ -22,15 +21,15 @@ import tempfile
 import threading
 import time
 import warnings
-from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from ..config import ModelSpec
+from ..osthreads import os_thread_name
 from . import pytorch
 
 log = logging.getLogger(__name__)
@@ -305,24 +304,6 @@ def pass_bounds(lengths: Sequence[int], budget: int) -> list[tuple[int, int]]:
 # What `top -H` and /proc/<pid>/task/*/comm show for OpenVINO's own threads (its streams run the passes, not the
 # engine's lanes), so bench/request_path.py counts their CPU as forward passes.
 OV_THREAD_NAME = b"embedapi-ov"
-
-
-@contextmanager
-def os_thread_name(name: bytes) -> Iterator[None]:
-    """The calling thread named `name` at the OS level for a while (Linux prctl; elsewhere nothing): threads it
-    starts meanwhile keep the name."""
-    try:
-        prctl = ctypes.CDLL(None).prctl
-        old = ctypes.create_string_buffer(16)
-        prctl(16, old, 0, 0, 0)  # PR_GET_NAME
-        prctl(15, ctypes.c_char_p(name[:15]), 0, 0, 0)  # PR_SET_NAME
-    except (OSError, AttributeError):
-        yield
-        return
-    try:
-        yield
-    finally:
-        prctl(15, old, 0, 0, 0)
 
 
 class NotConverted(Exception):
