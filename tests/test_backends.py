@@ -322,3 +322,19 @@ def test_a_bfloat16_start_on_a_float32_verified_entry_compiles_bfloat16_only(f32
     loaded = backends.load_runner(spec, "cpu", "openvino", trace=False, threads=1, streams=1, cache_root=str(cache))
     assert loaded.backend == "openvino" and compiled == ["float32", "bfloat16"]
     assert (entry / openvino_runner.VERIFIED).is_file()
+
+
+def test_onednns_primitive_cache_is_bounded_unless_the_environment_sets_it(f32):
+    """oneDNN's default cache (1024 primitives) kept hundreds of MB of per-shape kernels and buffers
+    (docs/backends.md); the load bounds it before the plugin makes its first primitive, and a user's value wins."""
+    import os
+
+    assert any(v in os.environ for v in openvino_runner._ONEDNN_CACHE_VARS)  # set by the loads of `f32`
+    env: dict[str, str] = {}
+    assert openvino_runner.bound_onednn_cache(env)
+    assert env == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": str(openvino_runner.ONEDNN_CACHE_PRIMITIVES)}
+    for name in openvino_runner._ONEDNN_CACHE_VARS:
+        env = {name: "1024"}
+        assert not openvino_runner.bound_onednn_cache(env)
+        assert env == {name: "1024"}
+    openvino_runner.trim_heap()  # glibc's malloc_trim, or nothing: never raises

@@ -52,6 +52,13 @@ RUNTIME_CACHE_SHAPES = 32  # OpenVINO CPU plugin's kernel cache, in input shapes
 # dynamic-shape model on 2026.4), so small passes keep a worker's memory down; passes of 512 tokens also ran
 # 1.01-1.14x as fast as whole batches of 1,600-4,000 tokens (docs/backends.md, docs/benchmarks.md).
 PASS_TOKENS = 512
+# oneDNN's primitive cache (inside OpenVINO's CPU plugin; 1024 primitives by default) keeps each input shape's
+# kernels and buffers, ~0.25 MB a primitive on the 30m shape, so a worker that meets many batch shapes grew by
+# hundreds of MB (252 widths: +263 MB anonymous at 1024, +147 at 512, +43 at 128). OpenVINO's own runtime cache
+# (RUNTIME_CACHE_SHAPES) still keeps the recent shapes' executors. oneDNN reads the variable once, when the
+# plugin first makes a primitive; a value in the environment wins (docs/backends.md).
+ONEDNN_CACHE_PRIMITIVES = 128
+_ONEDNN_CACHE_VARS = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY")
 _SKIP_DIRS = {"onnx", "openvino"}  # exports shipped with a hub repo: not what is converted here
 
 
@@ -310,6 +317,25 @@ class NotConverted(Exception):
     """The model cannot serve on OpenVINO (why is the message); the caller falls back to torch."""
 
 
+def bound_onednn_cache(env: dict[str, str] | Any = os.environ) -> bool:
+    """Set oneDNN's primitive cache capacity to ONEDNN_CACHE_PRIMITIVES unless the environment sets it."""
+    if any(v in env for v in _ONEDNN_CACHE_VARS):
+        return False
+    env[_ONEDNN_CACHE_VARS[0]] = str(ONEDNN_CACHE_PRIMITIVES)
+    return True
+
+
+def trim_heap() -> None:
+    """Give the heap's free memory back to the system (glibc's malloc_trim; elsewhere a no-op): an export
+    leaves ~100+ MB free but mapped, which pytorch.tune_malloc's high trim threshold would otherwise keep."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _compile(core: Any, xml: Path, dtype: torch.dtype, threads: int, streams: int) -> Any:
     """One stream per pass the engine may run at once (its lanes and spare lane), each on its own InferRequest.
     OpenVINO gives a stream at least one thread and never more streams than threads, so a worker with fewer
@@ -394,6 +420,7 @@ def convert(model: Any, spec: ModelSpec, dtype: torch.dtype, threads: int, strea
     runner looks up in torch, and the modules after it stay)."""
     import openvino as ov
 
+    bound_onednn_cache()
     if pytorch.dtype_name(dtype) not in _PRECISION:
         raise NotConverted(f"dtype {pytorch.dtype_name(dtype)} is not served on OpenVINO (float32 or bfloat16)")
     first = model[0]
@@ -479,9 +506,9 @@ def convert(model: Any, spec: ModelSpec, dtype: torch.dtype, threads: int, strea
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)  # compiled models hold their weights: files not needed
     assert runner is not None
-    if not free_torch:
-        return runner
-    first.model = None  # the torch copy of the transformer: its weights now live in the compiled model
-    del hf_model, reference
-    gc.collect()
+    if free_torch:
+        first.model = None  # the torch copy of the transformer: its weights now live in the compiled model
+        del hf_model, reference
+        gc.collect()
+    trim_heap()  # what the export and the checks freed (uncached 30m start: worker RSS 916 -> 780 MB)
     return runner
