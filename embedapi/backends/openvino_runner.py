@@ -9,6 +9,7 @@ and the checks are described in docs/backends.md.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import hashlib
 import inspect
@@ -23,7 +24,7 @@ import time
 import warnings
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, MutableMapping, Sequence
 
 import numpy as np
 import torch
@@ -317,8 +318,9 @@ class NotConverted(Exception):
     """The model cannot serve on OpenVINO (why is the message); the caller falls back to torch."""
 
 
-def bound_onednn_cache(env: dict[str, str] | Any = os.environ) -> bool:
-    """Set oneDNN's primitive cache capacity to ONEDNN_CACHE_PRIMITIVES unless the environment sets it."""
+def bound_onednn_cache(env: MutableMapping[str, str] = os.environ) -> bool:
+    """Set oneDNN's primitive cache capacity to ONEDNN_CACHE_PRIMITIVES unless the environment sets it. The
+    variable is the process's: torch's own oneDNN also reads it if it has not made a primitive yet."""
     if any(v in env for v in _ONEDNN_CACHE_VARS):
         return False
     env[_ONEDNN_CACHE_VARS[0]] = str(ONEDNN_CACHE_PRIMITIVES)
@@ -329,8 +331,6 @@ def trim_heap() -> None:
     """Give the heap's free memory back to the system (glibc's malloc_trim; elsewhere a no-op): an export
     leaves ~100+ MB free but mapped, which pytorch.tune_malloc's high trim threshold would otherwise keep."""
     try:
-        import ctypes
-
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):
         pass
