@@ -55,7 +55,7 @@ RUNTIME_CACHE_SHAPES = 32  # OpenVINO CPU plugin's kernel cache, in input shapes
 PASS_TOKENS = 512
 # oneDNN's primitive cache (inside OpenVINO's CPU plugin; 1024 primitives by default) keeps each input shape's
 # kernels and buffers, ~0.25 MB a primitive on the 30m shape, so a worker that meets many batch shapes grew by
-# hundreds of MB (252 widths: +263 MB anonymous at 1024, +147 at 512, +43 at 128). OpenVINO's own runtime cache
+# hundreds of MB (252 widths: +260 MB anonymous at 1024, +147 at 512, +43 at 128). OpenVINO's own runtime cache
 # (RUNTIME_CACHE_SHAPES) still keeps the recent shapes' executors. oneDNN reads the variable once, when the
 # plugin first makes a primitive; a value in the environment wins (docs/backends.md).
 ONEDNN_CACHE_PRIMITIVES = 128
