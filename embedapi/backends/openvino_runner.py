@@ -510,5 +510,5 @@ def convert(model: Any, spec: ModelSpec, dtype: torch.dtype, threads: int, strea
         first.model = None  # the torch copy of the transformer: its weights now live in the compiled model
         del hf_model, reference
         gc.collect()
-    trim_heap()  # what the export and the checks freed (uncached 30m start: worker RSS 916 -> 780 MB)
+    trim_heap()  # what the export and the checks freed (one process loading 30m uncached: RSS 916 -> 780 MB)
     return runner
