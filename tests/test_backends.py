@@ -338,3 +338,37 @@ def test_onednns_primitive_cache_is_bounded_unless_the_environment_sets_it(f32):
         assert not openvino_runner.bound_onednn_cache(env)
         assert env == {name: "1024"}
     openvino_runner.trim_heap()  # glibc's malloc_trim, or nothing: never raises
+
+
+def _resident_bytes(ranges: list[tuple[int, int]]) -> int:
+    """Resident bytes of this process's mappings that start at the given addresses (/proc/self/smaps)."""
+    starts, total, current = {start for start, _ in ranges}, 0, False
+    with open("/proc/self/smaps", encoding="utf-8") as f:
+        for line in f:
+            head = line.split(maxsplit=1)[0]
+            if "-" in head and not head.endswith(":"):
+                current = int(head.split("-")[0], 16) in starts
+            elif head == "Rss:" and current:
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/maps and madvise are Linux's")
+def test_the_irs_mapped_weights_leave_the_rss_once_compiled_and_still_serve(f32, model_dirs, cache, st_model, caplog):
+    """OpenVINO keeps the IR's model.bin mapped although the CPU plugin compiled the weights into its own memory:
+    the load drops the mapping's resident pages (read-only, so a page touched again is read back unchanged)."""
+    bin_path = _entry(cache, "embed") / "model.bin"
+    before = set(openvino_runner.mapped_pages(bin_path))
+    with caplog.at_level(logging.INFO, logger="embedapi.backends.openvino_runner"):
+        loaded = _load(model_dirs, cache)
+    assert loaded.backend == "openvino" and loaded.runner.cache == "hit"
+    new = [r for r in openvino_runner.mapped_pages(bin_path) if r not in before]
+    assert new, "the compiled model keeps its mapping of the IR"
+    assert _resident_bytes(new) <= bin_path.stat().st_size // 10
+    assert "of the IR's mapped weights from RSS" in caplog.text
+    ids = loaded.model.tokenizer(TEXTS)["input_ids"]
+    got = loaded.runner.run(sorted(ids, key=len, reverse=True))
+    want = st_model.encode(sorted(TEXTS, key=lambda t: -len(loaded.model.tokenizer(t)["input_ids"])),
+                           normalize_embeddings=False)
+    assert np.abs(got - want).max() < 1e-5
+    assert openvino_runner.release_mapped(bin_path.parent / "no-such-file") == 0
