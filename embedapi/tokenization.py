@@ -25,6 +25,23 @@ TOKENIZE_CHUNK_CHARS = 131_072
 # A lone text up to this long is tokenized holding the GIL (TextEncoder.ids): about 0.2 ms at most.
 SINGLE_ENCODE_CHARS = 512
 
+
+
+def bound_word_cache(backend: Tokenizer) -> bool:
+    """Turn off a BPE model's word cache; True if it was one. Since tokenizers 0.23 that cache is per thread (up
+    to 10,000 words in each thread, ~1.2 KB a word): under a worker's 64 request threads, distinct texts grew a
+    worker by hundreds of MB and kept growing (64 threads, 192,000 encodes of 20,000 texts: anonymous RSS
+    392 -> 565 MB and climbing; off: 313 -> 314). A request
+    thread's cache sees a sixty-fourth of the traffic and the words of Japanese text (runs between punctuation)
+    seldom repeat, so short texts tokenized as fast without it (docs/operations.md). Unigram's cache is one
+    for all threads, bounded: left as it is."""
+    model = backend.model
+    if type(model).__name__ != "BPE" or not hasattr(model, "_resize_cache"):  # older tokenizers: a shared cache
+        return False
+    model._resize_cache(0)
+    return True
+
+
 _PROBE_A = "テスト"
 _PROBE_B = "サンプル"
 
@@ -91,6 +108,7 @@ class TextEncoder:
             self._backend: Tokenizer | None = Tokenizer.from_str(backend.to_str())
             self._backend.no_truncation()
             self._backend.no_padding()
+            bound_word_cache(self._backend)
         else:
             self._backend = None
         self._tokenizer = tokenizer

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import io
 import logging
+import random
 import re
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+
+import pytest
 
 from .conftest import EMBED
 from .server import call, poll
@@ -154,3 +158,30 @@ def test_concurrent_requests_each_leave_one_access_line_with_their_request_id(gu
 def test_generated_request_ids_are_32_hex_digits_and_distinct(client):
     ids = {client.get("/health").headers["X-Request-ID"] for _ in range(50)}
     assert len(ids) == 50 and all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
+
+
+def _rss_anon_kb() -> int:
+    with open("/proc/self/status", encoding="ascii") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssAnon:"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_long_lived_request_threads_do_not_grow_with_distinct_texts(app):
+    """tokenizers 0.23 keeps a BPE model's word cache per thread (10,000 words each): a worker's request threads
+    live as long as it does, and distinct texts grew it by hundreds of MB. The encoder turns that cache off."""
+    encoder = app.extensions["embedapi"].registry.models[EMBED].encoder
+    rng = random.Random(7)
+    alphabet = "あいうえおかきくけこさしすせそたちつてとなにぬねのはひふへほまみむめもやゆよらりるれろわをん日本語検索文書"
+    texts = ["".join(rng.choice(alphabet) for _ in range(30)) for _ in range(24_000)]  # one word each, all distinct
+
+    def encode(part: list[str]) -> None:
+        for text in part:
+            encoder.ids([text])
+
+    with ThreadPoolExecutor(8) as pool:  # the same 8 threads throughout, as a worker's request threads are
+        list(pool.map(encode, [texts[:800]] * 8))  # warm: each thread's first allocations
+        before = _rss_anon_kb()
+        list(pool.map(encode, [texts[i::8] for i in range(8)]))
+        grown = _rss_anon_kb() - before
+    # With the per-thread cache on, these 24,000 words grew the process by ~70 MB (~3 KB a word of 30 characters).
+    assert grown < 6 * 1024, f"anonymous RSS grew by {grown} KiB"
