@@ -14,9 +14,10 @@ load runs for --duration seconds, and RSS is read again. Prints the figures and 
     2  a worker's RSS grew by more than --max-rss-growth-mb (default 256 MiB) during the measured run
 
 The memory bound is meant to catch leaks (anything kept per request grows without end: 10 KiB kept per
-request is ~60 MiB per minute at 100 requests/s), not allocator noise: with 64 request threads glibc's
-malloc arenas and torch's CPU allocator keep growing for a while as batch shapes vary (tens of MiB, up to
-~120 MiB per worker over 60 s with the tiny models). The RSS samples printed show the trend.
+request is ~60 MiB per minute at 100 requests/s), not allocator noise: torch's CPU allocator grows a little
+as batch shapes vary (+13 / +28 MiB per worker over 60 s with the tiny models on 2026-12-03). The +80-100 MiB
+seen before was tokenizers' per-thread BPE word cache, now off (embedapi/tokenization.py, docs/operations.md).
+The RSS samples printed show the trend.
 
 With --url, RSS is read from /proc for the worker pids that /health reports, when they run on this host.
 Loopback only unless you pass --url yourself.
