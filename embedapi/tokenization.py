@@ -26,15 +26,15 @@ TOKENIZE_CHUNK_CHARS = 131_072
 SINGLE_ENCODE_CHARS = 512
 
 
-
 def bound_word_cache(backend: Tokenizer) -> bool:
-    """Turn off a BPE model's word cache; True if it was one. Since tokenizers 0.23 that cache is per thread (up
-    to 10,000 words in each thread, ~1.2 KB a word): under a worker's 64 request threads, distinct texts grew a
-    worker by hundreds of MB and kept growing (64 threads, 192,000 encodes of 20,000 texts: anonymous RSS
-    392 -> 565 MB and climbing; off: 313 -> 314). A request
-    thread's cache sees a sixty-fourth of the traffic and the words of Japanese text (runs between punctuation)
-    seldom repeat, so short texts tokenized as fast without it (docs/operations.md). Unigram's cache is one
-    for all threads, bounded: left as it is."""
+    """Turn off a BPE model's word cache; True if it was one.
+
+    Since tokenizers 0.23 that cache is per thread (up to 10,000 words in each, ~1-3 KB a word). A worker's 64
+    request threads live as long as it does, so distinct texts grew it by hundreds of MB without end (64 threads,
+    192,000 encodes of 20,000 texts: anonymous RSS 392 -> 565 MB and climbing; with the cache off 313 -> 314).
+    A request thread's cache sees a sixty-fourth of the traffic, and short texts tokenized as fast without it
+    (docs/operations.md). Unigram's cache is one for all threads and bounded: left as it is.
+    """
     model = backend.model
     if type(model).__name__ != "BPE" or not hasattr(model, "_resize_cache"):  # older tokenizers: a shared cache
         return False

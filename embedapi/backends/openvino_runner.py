@@ -358,9 +358,10 @@ def mapped_pages(path: Path) -> list[tuple[int, int]]:
 def release_mapped(path: Path) -> int:
     """Drop this process's resident pages of its read-only mappings of `path` (madvise MADV_DONTNEED); bytes
     advised. OpenVINO maps the IR's `model.bin` and keeps the mapping for the compiled model's constants, though
-    the CPU plugin has packed the transformer's weights into its own memory at compile (MLAS's packed GEMM
-    on x86 in float32; bfloat16 reorders): the mapping's pages then only count in the worker's RSS (40 MB on the
-    30m shape, ~0.9 GB on 310m). The mapping is read-only, so a page touched again is read back from the file,
+    the CPU plugin has packed the transformer's weights into its own memory at compile (float32 on x86: every
+    fully connected layer is MLAS's packed GEMM, `gemm_mlas_f32` in get_runtime_model()), so the mapping's pages
+    only count in the worker's RSS (40 MB on the 30m shape; the file is ~0.9 GB on 310m). The mapping is
+    read-only, so a page touched again (a constant some kernel still reads) is read back from the file
     unchanged; the file's pages stay in the page cache, where the kernel reclaims them (docs/backends.md)."""
     ranges = mapped_pages(path)
     if not ranges:
