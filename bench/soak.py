@@ -14,8 +14,9 @@ load runs for --duration seconds, and RSS is read again. Prints the figures and 
     2  a worker's RSS grew by more than --max-rss-growth-mb (default 256 MiB) during the measured run
 
 The memory bound is meant to catch leaks (anything kept per request grows without end: 10 KiB kept per
-request is ~60 MiB per minute at 100 requests/s), not allocator noise: torch's CPU allocator grows a little
-as batch shapes vary (+13 / +28 MiB per worker over 60 s with the tiny models on 2026-12-03). The +80-100 MiB
+request is ~60 MiB per minute at 100 requests/s), not allocator noise: a little growth remains (+13 / +28 MiB per worker
+over 60 s with the tiny models on 2026-12-03; the torch runner alone, fed 24,000 batches of varied shapes, grew
+~20 MB and levelled off; the rest is not broken down). The +80-100 MiB
 seen before was tokenizers' per-thread BPE word cache, now off (embedapi/tokenization.py, docs/operations.md).
 The RSS samples printed show the trend.
 

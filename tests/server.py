@@ -42,6 +42,11 @@ def call(method: str, url: str, body: Any = None, headers: dict[str, str] | None
         return status, hdrs, payload.decode("utf-8", "replace")
 
 
+def status_kb(pid: int, field: str) -> int:
+    """A /proc/<pid>/status field in kB (VmRSS, RssAnon, VmHWM)."""
+    return int(Path(f"/proc/{pid}/status").read_text().split(f"{field}:")[1].split()[0])
+
+
 def poll(predicate, what: str, timeout: float = 120):
     """Call `predicate` every 50 ms until it returns something true (returned); fail after `timeout` s."""
     deadline = time.monotonic() + timeout

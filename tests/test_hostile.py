@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import EMBED, EMBED_SHORT
-from .server import GunicornServer, call, poll as _poll
+from .server import GunicornServer, call, poll as _poll, status_kb
 
 KEY = "k-hostile"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -81,10 +81,6 @@ def post_head(path: str, length: int | str | None, extra: str = "") -> bytes:
 def worker_pid(srv: GunicornServer) -> int:
     (pid,) = srv.worker_pids()
     return pid
-
-
-def status_kb(pid: int, field: str) -> int:
-    return int(Path(f"/proc/{pid}/status").read_text().split(f"{field}:")[1].split()[0])
 
 
 def reset_peak_rss(pid: int) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import random
 import re
 import sys
@@ -17,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from .conftest import EMBED
-from .server import call, poll
+from .server import call, poll, status_kb
 
 
 class SlowStream(io.StringIO):
@@ -160,11 +161,6 @@ def test_generated_request_ids_are_32_hex_digits_and_distinct(client):
     assert len(ids) == 50 and all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
 
 
-def _rss_anon_kb() -> int:
-    with open("/proc/self/status", encoding="ascii") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("RssAnon:"))
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_long_lived_request_threads_do_not_grow_with_distinct_texts(app):
     """tokenizers 0.23 keeps a BPE model's word cache per thread (10,000 words each): a worker's request threads
@@ -180,8 +176,8 @@ def test_long_lived_request_threads_do_not_grow_with_distinct_texts(app):
 
     with ThreadPoolExecutor(8) as pool:  # the same 8 threads throughout, as a worker's request threads are
         list(pool.map(encode, [texts[:800]] * 8))  # warm: each thread's first allocations
-        before = _rss_anon_kb()
+        before = status_kb(os.getpid(), "RssAnon")
         list(pool.map(encode, [texts[i::8] for i in range(8)]))
-        grown = _rss_anon_kb() - before
+        grown = status_kb(os.getpid(), "RssAnon") - before
     # With the per-thread cache on, these 24,000 words grew the process by ~70 MB (~3 KB a word of 30 characters).
     assert grown < 6 * 1024, f"anonymous RSS grew by {grown} KiB"
