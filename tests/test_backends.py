@@ -305,22 +305,30 @@ def test_a_bfloat16_start_on_a_float32_verified_entry_compiles_bfloat16_only(f32
     (its fidelity check against the stored torch rows still runs). Without the mark, float32 is checked first."""
     entry = _entry(cache, "embed")
     assert (entry / openvino_runner.VERIFIED).is_file()  # the float32 loads above passed the check on it
+    files = json.loads((entry / "manifest.json").read_text(encoding="utf-8"))["files"]
+    assert {openvino_runner.F16_IR, openvino_runner.F16_IR.replace(".xml", ".bin")} <= set(files)
     compiled = []
     real = openvino_runner._compile
 
+    irs = []
+
     def spy(core, xml, dtype, threads, streams):
         compiled.append(pytorch.dtype_name(dtype))
+        irs.append(xml.name)
         return real(core, xml, dtype, threads, streams)
 
     monkeypatch.setattr(openvino_runner, "_compile", spy)
     spec = ModelSpec(id="t", source=str(model_dirs["embed"]), kind="embedding", dtype="bfloat16")
     loaded = backends.load_runner(spec, "cpu", "openvino", trace=False, threads=1, streams=1, cache_root=str(cache))
     assert loaded.backend == "openvino" and loaded.runner.cache == "hit" and compiled == ["bfloat16"]
+    # bfloat16 compiles from the float16-weight IR (one copy of the weights in the plugin, not two).
+    assert irs == [openvino_runner.F16_IR]
 
     (entry / openvino_runner.VERIFIED).unlink()
     compiled.clear()
     loaded = backends.load_runner(spec, "cpu", "openvino", trace=False, threads=1, streams=1, cache_root=str(cache))
     assert loaded.backend == "openvino" and compiled == ["float32", "bfloat16"]
+    assert irs[1:] == ["model.xml", openvino_runner.F16_IR]
     assert (entry / openvino_runner.VERIFIED).is_file()
 
 

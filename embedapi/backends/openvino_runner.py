@@ -36,8 +36,9 @@ from . import pytorch
 log = logging.getLogger(__name__)
 
 # Bump when what is exported changes (inputs, wrapper, opset, what an entry holds): old entries then no longer
-# match. 2: entries hold the torch float32 reference rows of the parity check (reference.npz).
-FORMAT = 2
+# match. 2: entries hold the torch float32 reference rows of the parity check (reference.npz). 3: and the IR with
+# float16 weights that an embedding model's bfloat16 compiles from (model-f16.xml / .bin).
+FORMAT = 3
 OPSET = 17
 FP32_TOLERANCE = 1e-5  # parity: |OpenVINO - torch eager| in float32, relative to the rows' scale (at least 1)
 BF16_MIN_COSINE = 0.9999  # embeddings in bfloat16: every row's cosine to torch float32
@@ -61,6 +62,21 @@ PASS_TOKENS = 512
 ONEDNN_CACHE_PRIMITIVES = 128
 _ONEDNN_CACHE_VARS = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY")
 _SKIP_DIRS = {"onnx", "openvino"}  # exports shipped with a hub repo: not what is converted here
+
+# The IR that an embedding model's bfloat16 compiles from: the same graph with its weights stored in float16. From
+# the float32 IR the CPU plugin keeps two bfloat16 copies of the weights in the worker's own memory (the constants
+# converted at compile, then the fully connected layers' packed weights made at the first inference); from float16
+# weights it packs once, from the file's mapping, which `release_mapped` then drops: 310m shape, 1043 -> 591 MB
+# anonymous in one process, same speed, token cosine to the float32 IR's bfloat16 output 0.9999997. Rerankers
+# (float32 under `auto` on CPU) compile an asked-for bfloat16 from the float32 IR: on the test reranker the float16
+# route moved scores by up to 0.00206 against 0.00182, past the 2e-3 check (docs/backends.md).
+F16_IR = "model-f16.xml"
+
+
+def ir_for(entry: Path, dtype: torch.dtype, kind: str) -> Path:
+    """The entry's IR that `dtype` compiles from: an embedding model's bfloat16 from float16 weights, the rest
+    from float32 ones."""
+    return entry / (F16_IR if dtype == torch.bfloat16 and kind == "embedding" else "model.xml")
 
 
 def available() -> str:
@@ -123,8 +139,8 @@ def file_digests(directory: Path) -> dict[str, str]:
 
 def cache_key(spec: ModelSpec, directory: Path | None, names: Sequence[str], output: str) -> str | None:
     """What an exported IR depends on: the model's files (and revision), the exporting and reading libraries'
-    versions, the inputs and output. None when the files are not at hand (then nothing is cached). The IR is
-    stored in float32 and compiled per precision at load, so the dtype is not part of the key."""
+    versions, the inputs and output. None when the files are not at hand (then nothing is cached). An entry
+    holds the IR for both precisions (`ir_for`), so the dtype is not part of the key."""
     if directory is None:
         return None
     material = {"format": FORMAT, "opset": OPSET, "kind": spec.kind, "revision": spec.revision,
@@ -189,9 +205,10 @@ class ConversionCache:
 
 
 def export(hf_model: torch.nn.Module, names: tuple[str, ...], output: str, example: dict[str, torch.Tensor],
-           directory: Path) -> None:
-    """The transformer to ONNX (dynamic batch and length; TorchScript-based exporter) and on to OpenVINO IR
-    (model.xml + model.bin, weights kept in float32)."""
+           directory: Path, f16: bool = False) -> None:
+    """The transformer to ONNX (dynamic batch and length; TorchScript-based exporter) and on to OpenVINO IR:
+    model.xml + model.bin with the weights in float32 and, with `f16`, the same graph with them in float16
+    (model-f16.xml + .bin, see `ir_for`)."""
     import openvino as ov
 
     onnx_path = directory / "model.onnx"
@@ -202,9 +219,13 @@ def export(hf_model: torch.nn.Module, names: tuple[str, ...], output: str, examp
         warnings.simplefilter("ignore")  # TracerWarnings from the transformer's shape checks
         torch.onnx.export(wrapper, tuple(example[n] for n in names), str(onnx_path), input_names=list(names),
                           output_names=["output"], dynamic_axes=axes, opset_version=OPSET, dynamo=False)
-    ov.save_model(ov.Core().read_model(str(onnx_path)), str(directory / "model.xml"), compress_to_fp16=False)
+    graph = ov.Core().read_model(str(onnx_path))
+    ov.save_model(graph, str(directory / "model.xml"), compress_to_fp16=False)
+    if f16:
+        ov.save_model(graph, str(directory / F16_IR), compress_to_fp16=True)
+    keep = {"model.xml", "model.bin", F16_IR, F16_IR.replace(".xml", ".bin")}
     for leftover in directory.iterdir():
-        if leftover.name not in ("model.xml", "model.bin"):
+        if leftover.name not in keep:
             leftover.unlink()
 
 
@@ -498,7 +519,7 @@ def convert(model: Any, spec: ModelSpec, dtype: torch.dtype, threads: int, strea
                 example["inputs_embeds"] = embed(example["input_ids"]).clone()
 
         def write(directory: Path) -> None:
-            export(hf_model, names, output, example, directory)
+            export(hf_model, names, output, example, directory, f16=spec.kind == "embedding")
             save_reference(directory, check_batches, [reference.run(b) for b in check_batches])
 
         try:
@@ -522,7 +543,7 @@ def convert(model: Any, spec: ModelSpec, dtype: torch.dtype, threads: int, strea
         checks = load_reference(entry)
         core = ov.Core()
         make = lambda dt, st: OpenVINORunner(  # noqa: E731
-            _compile(core, entry / "model.xml", dt, threads, st), spec.kind, names, list(model)[1:],
+            _compile(core, ir_for(entry, dt, spec.kind), dt, threads, st), spec.kind, names, list(model)[1:],
             reference.output_key, first.module_output_name, reference.pad_id, reference.token_types,
             reference.max_seq_length, dt, state, embed)
         precisions = [torch.float32] if dtype == torch.float32 else [torch.float32, dtype]
@@ -541,7 +562,9 @@ def convert(model: Any, spec: ModelSpec, dtype: torch.dtype, threads: int, strea
                 if dt == torch.float32 and store is not None and scratch is None:
                     mark_verified(entry)
                 runner = candidate
-        released = release_mapped(entry / "model.bin")  # after every compile: the checked runner's pages too
+        # After every compile: the checked runners' pages too.
+        released = sum(release_mapped(path) for path in {ir_for(entry, dt, spec.kind).with_suffix(".bin")
+                                                         for dt in precisions})
         log.info("%s: dropped %.0f MB of the IR's mapped weights from RSS (compiled into the plugin's own memory)",
                  spec.id, released / 2**20)
     finally:
