@@ -73,10 +73,15 @@ _SKIP_DIRS = {"onnx", "openvino"}  # exports shipped with a hub repo: not what i
 F16_IR = "model-f16.xml"
 
 
+def has_f16_ir(kind: str) -> bool:
+    """Whether a model of this kind gets the float16-weight IR (written by `export`, picked by `ir_for`)."""
+    return kind == "embedding"
+
+
 def ir_for(entry: Path, dtype: torch.dtype, kind: str) -> Path:
     """The entry's IR that `dtype` compiles from: an embedding model's bfloat16 from float16 weights, the rest
     from float32 ones."""
-    return entry / (F16_IR if dtype == torch.bfloat16 and kind == "embedding" else "model.xml")
+    return entry / (F16_IR if dtype == torch.bfloat16 and has_f16_ir(kind) else "model.xml")
 
 
 def available() -> str:
@@ -519,7 +524,7 @@ def convert(model: Any, spec: ModelSpec, dtype: torch.dtype, threads: int, strea
                 example["inputs_embeds"] = embed(example["input_ids"]).clone()
 
         def write(directory: Path) -> None:
-            export(hf_model, names, output, example, directory, f16=spec.kind == "embedding")
+            export(hf_model, names, output, example, directory, f16=has_f16_ir(spec.kind))
             save_reference(directory, check_batches, [reference.run(b) for b in check_batches])
 
         try:
