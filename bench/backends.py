@@ -10,6 +10,10 @@
                                                         # PASS_TOKENS padded tokens (the runner's way) against
                                                         # whole batches, 2 passes side by side x 1 thread each;
                                                         # and each way's RssAnon in a fresh process
+    python bench/backends.py --long [--shape S] [--widths 512,1024]  # one long row: OpenVINO bfloat16, torch
+                                                        # bfloat16, torch autocast on float32 (the OpenVINO
+                                                        # runner's long batches), torch float32: s/row, RssAnon
+                                                        # growth, cosine to float32
 
 Models are random-weight Ruri v3 shapes (tests/synthetic_models.py), built under --dir (default a temporary
 directory). Runners come from embedapi.backends.load_runner, as the registry loads them (torch traced; OpenVINO
@@ -157,6 +161,59 @@ def passes(root: Path, cache: Path, seconds: float, rounds: int = 2) -> None:
         print(f"RssAnon after loading / after every shape twice, {label}: {out[-2]} / {out[-1]} MB", flush=True)
 
 
+LONG_WAYS = ("openvino bfloat16", "torch bfloat16", "torch autocast", "torch float32")
+
+
+def long_batches(root: Path, cache: Path, seconds: float, shape: str, widths: list[int]) -> None:
+    """One row of `width` tokens, one thread, each way in its own process (what a way keeps after its passes is
+    its own): seconds per row, RssAnon growth over the passes, and cosine to torch float32. "openvino" serves
+    every width (EMBEDAPI_OPENVINO_MAX_TOKENS=0); "torch autocast" is the float32 model under bfloat16 autocast,
+    the way the OpenVINO runner runs batches past its limit."""
+    path = _build(root, shape, "embedding", RURI_V3_SHAPES[shape])
+    child = os.environ.get("_BENCH_LONG")
+    if child:  # the child: one way, one width
+        way, width = child.rsplit(" ", 1)
+        pytorch.use_threads(1)
+        spec = ModelSpec(id=path.name, source=str(path), kind="embedding", dtype="bfloat16")
+        if way == "openvino bfloat16":
+            runner = backends.load_runner(spec, "cpu", "openvino", trace=False, threads=1, streams=1,
+                                          cache_root=str(cache), openvino_max_tokens=0).runner
+        else:
+            dt = pytorch.torch.bfloat16 if way == "torch bfloat16" else pytorch.torch.float32
+            model = pytorch.load(spec, "cpu", dt, "sdpa")
+            runner = pytorch.TorchRunner(model, "cpu", dt, "embedding", trace=False,
+                                         autocast=pytorch.torch.bfloat16 if way == "torch autocast" else None)
+        ids = [[1] + [100 + (i * 7) % 5000 for i in range(int(width) - 2)] + [2]]
+        before = _anon_mb()
+        row = runner.run(ids)
+        n, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds or n < 2:
+            runner.run(ids)
+            n += 1
+        np.save(root / f"long-{way.replace(' ', '-')}-{width}.npy", row)
+        print(f"{(time.perf_counter() - started) / n:.4f} {_anon_mb() - before}")
+        return
+    print(f"One row x tokens, 1 thread, {shape} shape, each way in its own process ({os.cpu_count()} CPUs, "
+          f"native bfloat16: {pytorch.cpu_has_native_bf16()}): seconds per row / RssAnon growth MB / cosine to "
+          "torch float32\n")
+    print("| tokens | " + " | ".join(LONG_WAYS) + " |")
+    print("|---" * (len(LONG_WAYS) + 1) + "|")
+    for width in widths:
+        cells = {}
+        for way in LONG_WAYS:
+            env = {**os.environ, "_BENCH_LONG": f"{way} {width}"}
+            out = subprocess.run([sys.executable, __file__, "--long", "--shape", shape, "--seconds", str(seconds),
+                                  "--dir", str(root)], env=env, check=True, capture_output=True, text=True)
+            cells[way] = out.stdout.split()[-2:]
+        want = np.load(root / f"long-torch-float32-{width}.npy")[0]
+        row = []
+        for way in LONG_WAYS:
+            got = np.load(root / f"long-{way.replace(' ', '-')}-{width}.npy")[0]
+            cos = float(got @ want / np.linalg.norm(got) / np.linalg.norm(want))
+            row.append(f"{cells[way][0]} s / +{cells[way][1]} / {cos:.7f}")
+        print(f"| {width} | " + " | ".join(row) + " |", flush=True)
+
+
 def fidelity(root: Path, cache: Path, quick: bool) -> None:
     """bfloat16 against float32 (sentence-transformers' own encode / predict) on each backend."""
     from sentence_transformers import CrossEncoder, SentenceTransformer
@@ -211,12 +268,19 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=0.0, help="per cell (default 3, --quick 0.5)")
     parser.add_argument("--fidelity", action="store_true", help="bfloat16 fidelity instead of the speed table")
     parser.add_argument("--passes", action="store_true", help="OpenVINO passes of PASS_TOKENS against whole batches")
+    parser.add_argument("--long", action="store_true",
+                        help="one long row per way: OpenVINO, torch bfloat16, torch autocast, torch float32")
+    parser.add_argument("--shape", default="ruri-v3-30m", choices=sorted(RURI_V3_SHAPES), help="--long's shape")
+    parser.add_argument("--widths", default="512,1024,2048,4096", help="--long's row lengths")
     parser.add_argument("--dir", type=Path, help="where the models and conversions go (kept between runs)")
     args = parser.parse_args()
     root = args.dir or Path(tempfile.mkdtemp(prefix="embedapi-bench-backends-"))
     cache = root / "conversion-cache"
     if args.fidelity:
         fidelity(root, cache, args.quick)
+    elif args.long:
+        long_batches(root, cache, args.seconds or 3.0, args.shape,
+                     [int(w) for w in args.widths.split(",")])
     elif args.passes:
         passes(root, cache, args.seconds or 3.0)
     else:

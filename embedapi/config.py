@@ -203,7 +203,7 @@ class Settings:
     # under many batch shapes (tests/test_soak.py grew +300 MiB a minute on it; docs/backends.md)
     backend: str = "torch"
     conversion_cache: str = ""  # OpenVINO IR cache directory; "" = beside the Hugging Face cache; "off": none
-    openvino_max_tokens: int = 256  # wider batches of an OpenVINO model run on torch (0: all on OpenVINO)
+    openvino_max_tokens: int = 512  # wider batches of an OpenVINO model run on torch (0: all on OpenVINO)
     log_format: str = "text"
     log_level: str = "INFO"
 
@@ -250,7 +250,7 @@ class Settings:
             busy_wait_ms=_env_float(env, "EMBEDAPI_BUSY_WAIT_MS", 200.0),
             trace=_env_bool(env, "EMBEDAPI_TRACE", True),
             backend=backend,
-            openvino_max_tokens=_env_int(env, "EMBEDAPI_OPENVINO_MAX_TOKENS", 256),
+            openvino_max_tokens=_env_int(env, "EMBEDAPI_OPENVINO_MAX_TOKENS", 512),
             conversion_cache=env.get("EMBEDAPI_CONVERSION_CACHE", "").strip() or default_conversion_cache(env),
             log_format=log_format,
             log_level=env.get("EMBEDAPI_LOG_LEVEL", "INFO").strip().upper() or "INFO",

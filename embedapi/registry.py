@@ -233,6 +233,7 @@ class Registry:
             long = runner.long
             how = f"conversion cache {runner.cache}, " + (
                 f"batches over {runner.max_tokens} tokens on torch {'traced' if long.traced else 'eager'}"
+                + (" (float32 weights, bfloat16 autocast)" if getattr(long, "autocast", None) is not None else "")
                 if long is not None else "every batch on OpenVINO")
         log.info("loaded %s in %.1fs (backend %s, dtype %s, attention %s, max_seq_length %d, batch budget %d tokens, "
                  "%s)", spec.id, seconds, loaded.backend, backend.dtype_name(dtype), attention, encoder.max_seq_length,

@@ -4,6 +4,7 @@ rebuilt when corrupt), and torch wherever OpenVINO is missing, unfaithful or not
 from __future__ import annotations
 
 import json
+import os
 import logging
 import sys
 import threading
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from embedapi import backends
 from embedapi.backends import openvino_runner, pytorch
@@ -83,9 +85,10 @@ def test_float32_on_openvino_is_encode_and_predict(f32, st_model, ce_model):
 
 def test_batches_wider_than_the_openvino_limit_run_on_torch_and_are_still_encode(f32, st_model):
     runner = f32.models[EMBED].engine.runner.inner
-    assert runner.max_tokens == 256 and runner.long.backend == "torch" and not runner.long.traced  # eager: as fast
-    texts = ["川沿いの道を歩いて図書館まで行きました。" * 30, TEXTS[0]]  # ~600 tokens: over the limit
-    assert len(st_model.tokenizer(texts[0])["input_ids"]) > 256
+    assert runner.max_tokens == 512 and runner.long.backend == "torch" and not runner.long.traced  # eager: as fast
+    assert runner.long.autocast is None and runner.long.dtype == torch.float32
+    texts = ["川沿いの道を歩いて図書館まで行きました。" * 60, TEXTS[0]]  # ~1200 tokens: over the limit
+    assert len(st_model.tokenizer(texts[0])["input_ids"]) > 512
     want = st_model.encode(texts, batch_size=2, normalize_embeddings=False)
     np.testing.assert_allclose(_embed(f32, texts), want, rtol=0, atol=1e-5)
 
@@ -138,6 +141,42 @@ def test_bfloat16_keeps_cosine_and_scores_and_reuses_the_float32_conversion(f32,
         assert delta.max() <= 2e-3
     finally:
         registry.shutdown()
+
+
+def test_long_bfloat16_batches_run_under_autocast_on_the_float32_weights_kept_off_the_rss(model_dirs, cache,
+                                                                                         st_model, tmp_path):
+    """Batches past the OpenVINO limit run on the float32 model the conversion loaded, its weights on the model
+    file's mapping, under bfloat16 autocast: no second copy of the weights, and their pages leave the RSS after
+    the load and after each long batch (read back unchanged when touched again)."""
+    registry = _registry(model_dirs, cache, "bfloat16", tmp_path)
+    try:
+        runner = registry.models[EMBED].engine.runner.inner
+        long = runner.long
+        assert long.autocast == torch.bfloat16 and {p.dtype for p in long.model.parameters()} == {torch.float32}
+        (weights,) = runner.weight_files
+        assert weights.name == "model.safetensors" and weights.parent.name == "embed"
+        texts = ["川沿いの道を歩いて図書館まで行きました。" * 60, TEXTS[1]]  # ~1200 tokens: past the limit
+        want = st_model.encode(texts, batch_size=2, normalize_embeddings=False)
+        first = _embed(registry, texts)
+        assert _file_rss(weights) < 64 << 10  # released after the batch (at most a few pages touched since)
+        again = _embed(registry, texts)
+        np.testing.assert_array_equal(first, again)  # the pages read back are the file's
+        cos = (first * want).sum(1) / (np.linalg.norm(first, axis=1) * np.linalg.norm(want, axis=1))
+        assert cos.min() >= 0.9999
+    finally:
+        registry.shutdown()
+
+
+def _file_rss(path: Path) -> int:
+    """Bytes of this process's resident pages mapped from `path`."""
+    target, total, current = os.path.realpath(path), 0, False
+    for line in Path("/proc/self/smaps").read_text(encoding="utf-8", errors="replace").splitlines():
+        head = line.split(maxsplit=5)
+        if head and "-" in head[0] and not head[0].endswith(":"):
+            current = len(head) == 6 and head[5] == target
+        elif current and head[0] == "Rss:":
+            total += int(head[1]) << 10
+    return total
 
 
 def _load(model_dirs, cache: Path | None, requested: str = "openvino", kind: str = "embedding") -> backends.Loaded:

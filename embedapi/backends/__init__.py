@@ -56,8 +56,10 @@ def load_runner(spec: ModelSpec, device: str, requested: str, *, trace: bool, th
     logged) when OpenVINO is missing or its conversion fails the parity check; an explicit `openvino` raises
     ConfigError instead, as serving other vectors than asked for would be a silent surprise.
 
-    With `openvino_max_tokens` > 0, batches wider than that run on an eager torch runner of the same model (in the
-    serving dtype); with 0 every batch runs on OpenVINO and the torch transformer is freed."""
+    With `openvino_max_tokens` > 0, batches wider than that run on an eager torch runner of the float32 model the
+    conversion loaded (its weights stay on the model file's mapping, so no second copy is held), under bfloat16
+    autocast when the serving dtype is bfloat16; with 0 every batch runs on OpenVINO and the torch transformer is
+    freed."""
     dtype = pytorch.pick_dtype(spec.dtype, device, spec.kind)  # from this device's own capability
     name = pytorch.dtype_name(dtype)
     picked = choose(requested, device, name, spec.id)
@@ -71,21 +73,22 @@ def load_runner(spec: ModelSpec, device: str, requested: str, *, trace: bool, th
         else:
             model = pytorch.load(spec, device, pytorch.torch.float32, "sdpa")  # converted and checked in float32
             attention = pytorch.attention_of(model)
-            same = dtype == pytorch.torch.float32 and openvino_max_tokens > 0  # torch serves long ones from it
+            keep = openvino_max_tokens > 0  # torch serves the long batches from the same float32 model
             try:
-                runner = openvino_runner.convert(model, spec, dtype, threads, streams, cache_root, free_torch=not same)
+                runner = openvino_runner.convert(model, spec, dtype, threads, streams, cache_root, free_torch=not keep)
             except openvino_runner.NotConverted as exc:
                 note = str(exc)
             except Exception as exc:  # an exporter or runtime failure: torch is always correct
                 note = f"conversion failed ({type(exc).__name__}: {exc})"
             else:
-                if openvino_max_tokens > 0:
-                    # In the serving dtype (loaded as sentence-transformers loads it, rotary buffers in float32),
-                    # eager: tracing it cost ~2.4 s of start-up on the 30m shape and ran batches of 300+ tokens
-                    # no faster (docs/backends.md).
-                    long_model = model if same else pytorch.load(spec, device, dtype,
-                                                                 pytorch.pick_attention(device, dtype))
-                    runner.long = pytorch.TorchRunner(long_model, device, dtype, spec.kind, trace=False)
+                if keep:
+                    # Eager: tracing cost ~2.4 s of start-up on the 30m shape and ran batches of 300+ tokens no
+                    # faster. A bfloat16 model of its own cost a second copy of the weights (~0.6 GB on the 310m
+                    # shape); autocast on the float32 one ran 1024 tokens as fast and is nearer float32
+                    # (docs/backends.md).
+                    auto = None if dtype == pytorch.torch.float32 else dtype
+                    runner.long = pytorch.TorchRunner(model, device, pytorch.torch.float32, spec.kind, trace=False,
+                                                      autocast=auto)
                     runner.max_tokens = openvino_max_tokens
                 return Loaded(runner, model, dtype, attention, "openvino")
             del model

@@ -9,6 +9,7 @@ and the checks are described in docs/backends.md.
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import gc
 import hashlib
@@ -260,6 +261,12 @@ class OpenVINORunner:
         # slower than torch's fused kernel (docs/backends.md).
         self.long: Any = None
         self.max_tokens = 0
+        # The torch model's weight files (clean copy-on-write mappings, weight_files): their pages are dropped
+        # from the RSS after the load and after the last long batch in flight, and read back from the page
+        # cache when touched again, so the float32 weights a long batch reads do not stay in the worker's RSS.
+        self.weight_files: list[Path] = []
+        self._long_lock = threading.Lock()
+        self._long_busy = 0
         # With `embed` (the transformer's input embedding, a torch nn.Embedding) the compiled model takes
         # inputs_embeds: the lookup runs in torch on its weights (memory-mapped from the model's files and
         # shared by workers), so OpenVINO holds no copy of the vocabulary-sized table.
@@ -284,10 +291,26 @@ class OpenVINORunner:
     def run(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
         width = max(len(s) for s in batch)
         if self.long is not None and width > self.max_tokens:
-            return self.long.run(batch)
+            return self._run_long(batch)
         if len(batch) * width <= PASS_TOKENS:
             return self._pass(batch)
         return np.concatenate([self._pass(batch[a:b]) for a, b in pass_bounds([len(s) for s in batch], PASS_TOKENS)])
+
+    def _run_long(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
+        with self._long_lock:
+            self._long_busy += 1
+        try:
+            return self.long.run(batch)
+        finally:
+            with self._long_lock:
+                self._long_busy -= 1
+                last = self._long_busy == 0
+            if last:
+                self.release_weights()
+
+    def release_weights(self) -> int:
+        """Drop the torch weights' file pages from this process's RSS (bytes advised)."""
+        return sum(release_mapped(path, private_ok=True) for path in self.weight_files)
 
     def _pass(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
         ids, mask, feed = self.inputs(batch)
@@ -365,31 +388,73 @@ def trim_heap() -> None:
 _MADV_DONTNEED = 4  # Linux's value (asm-generic/mman-common.h)
 
 
-def mapped_pages(path: Path) -> list[tuple[int, int]]:
-    """[start, end) of this process's read-only mappings of `path` (Linux /proc/self/maps; elsewhere none)."""
-    target = os.path.realpath(path)
-    ranges = []
+def _maps() -> list[tuple[int, int, str, str]]:
+    """(start, end, permissions, path) of this process's file mappings (Linux /proc/self/maps; elsewhere none)."""
+    out = []
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
             for line in f:
                 parts = line.rstrip("\n").split(maxsplit=5)  # the path (the sixth field) may hold spaces
-                if len(parts) == 6 and "w" not in parts[1] and parts[5] == target:
+                if len(parts) == 6 and parts[5].startswith("/"):
                     start, end = (int(x, 16) for x in parts[0].split("-"))
-                    ranges.append((start, end))
+                    out.append((start, end, parts[1], parts[5]))
     except (OSError, ValueError):
         return []
-    return ranges
+    return out
 
 
-def release_mapped(path: Path) -> int:
+def mapped_pages(path: Path, private_ok: bool = False) -> list[tuple[int, int]]:
+    """[start, end) of this process's read-only mappings of `path`; with `private_ok` also its writable private
+    (copy-on-write) ones, which only `clean_mapping` may vouch for."""
+    target = os.path.realpath(path)
+    return [(a, b) for a, b, perms, name in _maps()
+            if name == target and ("w" not in perms or (private_ok and perms.endswith("p")))]
+
+
+def clean_mapping(path: Path) -> bool:
+    """Whether this process maps `path` with no page of its own (smaps' Anonymous: 0 kB in every mapping of
+    it): a copy-on-write mapping nobody wrote to holds only the file's pages, so dropping them loses nothing."""
+    target = os.path.realpath(path)
+    seen, current = False, False
+    try:
+        with open("/proc/self/smaps", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                head = line.split(maxsplit=5)
+                if head and re.fullmatch(r"[0-9a-f]+-[0-9a-f]+", head[0]):
+                    current = len(head) == 6 and head[5].rstrip("\n") == target
+                    seen |= current
+                elif current and head and head[0] == "Anonymous:" and head[1] != "0":
+                    return False
+    except OSError:
+        return False
+    return seen
+
+
+def weight_files(module: torch.nn.Module) -> list[Path]:
+    """The files whose mappings hold `module`'s parameters and buffers (safetensors maps the model file and
+    torch computes on it when the dtype is the file's), each only if clean_mapping vouches for it."""
+    maps = sorted(_maps())
+    starts = [m[0] for m in maps]
+    found: set[str] = set()
+    for tensor in [*module.parameters(), *module.buffers()]:
+        ptr = tensor.data_ptr()
+        i = bisect.bisect_right(starts, ptr) - 1
+        if i >= 0 and maps[i][0] <= ptr < maps[i][1] and not maps[i][3].endswith(".so") and ".so." not in maps[i][3]:
+            found.add(maps[i][3])
+    return [Path(name) for name in sorted(found) if clean_mapping(Path(name))]
+
+
+def release_mapped(path: Path, private_ok: bool = False) -> int:
     """Drop this process's resident pages of its read-only mappings of `path` (madvise MADV_DONTNEED); bytes
     advised. OpenVINO maps the IR's `model.bin` and keeps the mapping for the compiled model's constants, though
     the CPU plugin has packed the transformer's weights into its own memory at compile (float32 on x86: every
     fully connected layer is MLAS's packed GEMM, `gemm_mlas_f32` in get_runtime_model()), so the mapping's pages
     only count in the worker's RSS (40 MB on the 30m shape; the file is ~0.9 GB on 310m). The mapping is
     read-only, so a page touched again (a constant some kernel still reads) is read back from the file
-    unchanged; the file's pages stay in the page cache, where the kernel reclaims them (docs/backends.md)."""
-    ranges = mapped_pages(path)
+    unchanged; the file's pages stay in the page cache, where the kernel reclaims them (docs/backends.md).
+    With `private_ok`, also the copy-on-write mappings of a file `weight_files` found clean (the torch model's
+    safetensors, which nothing writes to)."""
+    ranges = mapped_pages(path, private_ok)
     if not ranges:
         return 0
     try:
@@ -576,9 +641,15 @@ def convert(model: Any, spec: ModelSpec, dtype: torch.dtype, threads: int, strea
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)  # compiled models hold their weights: files not needed
     assert runner is not None
+    files = weight_files(first)  # before freeing: the input embedding alone may leave a file unnamed
     if free_torch:
         first.model = None  # the torch copy of the transformer: its weights now live in the compiled model
         del hf_model, reference
         gc.collect()
     trim_heap()  # what the export and the checks freed (one process loading 30m uncached: RSS 916 -> 780 MB)
+    # What loading touched of the model file's mapping (78 of 105 MB on the 30m shape, at a cached start): the
+    # compiled model holds the transformer's weights, the lookup reads only the rows of the tokens it meets.
+    runner.weight_files = [p for p in files if mapped_pages(p, private_ok=True)]
+    released = runner.release_weights()
+    log.info("%s: dropped %.0f MB of the torch weights' file pages from RSS", spec.id, released / 2**20)
     return runner

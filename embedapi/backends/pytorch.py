@@ -9,6 +9,7 @@ Measurements behind the tuning here: docs/benchmarks.md.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import importlib.util
@@ -310,6 +311,12 @@ def input_names(hf_model: torch.nn.Module, token_types: bool) -> tuple[str, ...]
     return tuple(n for n in _INPUT_NAMES if n in accepted and (n != "token_type_ids" or token_types))
 
 
+def _autocast(device_type: str, dtype: torch.dtype | None) -> Any:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=dtype, cache_enabled=False)
+
+
 class TorchRunner:
     """Pads a batch of id sequences and runs it through a sentence-transformers model.
 
@@ -322,12 +329,18 @@ class TorchRunner:
     backend = "torch"
     cache: str | None = None  # no conversion cache (the OpenVINO runner's "hit" / "built" / "rebuilt")
 
-    def __init__(self, model: Any, device: str, dtype: torch.dtype, kind: str, trace: bool = False) -> None:
+    def __init__(self, model: Any, device: str, dtype: torch.dtype, kind: str, trace: bool = False,
+                 autocast: torch.dtype | None = None) -> None:
         # Loaded in `dtype` already (load()); cast only what is not, so float32 buffers (rotary) stay as
         # sentence-transformers keeps them with model_kwargs={"dtype": ...}.
         self.model = model if _dtype_of(model) == dtype else model.to(dtype)
         self.device = torch.device(device)
         self.dtype = dtype
+        # With `autocast` (bfloat16, on a float32 model), passes run under torch.autocast: matmuls in bfloat16 on
+        # weights cast as each is used (no cast cache, so no second copy of the weights stays), the rest in
+        # float32. The OpenVINO runner's long batches run so, on the float32 model the conversion loaded: its
+        # weights stay on the model file's mapping (docs/backends.md).
+        self.autocast = autocast
         self.kind = kind
         self.output_key = "sentence_embedding" if kind == "embedding" else "scores"
         tokenizer = model.tokenizer
@@ -343,7 +356,7 @@ class TorchRunner:
         self._tail: list[Any] = []  # the modules after the traced one (pooling, normalisation)
         if self.device.type == "cpu" and dtype != torch.float32:
             contiguous_activations(self.model)  # not float32: measured slower there in the server
-        if self.trace_on(device, trace):
+        if self.trace_on(device, trace) and autocast is None:
             self._trace()
 
     @staticmethod
@@ -361,7 +374,7 @@ class TorchRunner:
                     "attention_mask": torch.from_numpy(mask).to(self.device)}
         if types is not None:
             features["token_type_ids"] = torch.from_numpy(types).to(self.device)
-        with torch.inference_mode():
+        with torch.inference_mode(), _autocast(self.device.type, self.autocast):
             out = self._forward(features, self._script)
         if self.kind == "rerank":
             out = out.reshape(len(batch), -1)[:, 0]
