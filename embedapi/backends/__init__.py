@@ -84,8 +84,8 @@ def load_runner(spec: ModelSpec, device: str, requested: str, *, trace: bool, th
                 if keep:
                     # Eager: tracing cost ~2.4 s of start-up on the 30m shape and ran batches of 300+ tokens no
                     # faster. A bfloat16 model of its own cost a second copy of the weights (~0.6 GB on the 310m
-                    # shape); autocast on the float32 one ran 1024 tokens as fast and is nearer float32
-                    # (docs/backends.md).
+                    # shape); autocast on the float32 one took 2-23 % longer a row and is nearer float32
+                    # (bench/backends.py --long, docs/backends.md).
                     auto = None if dtype == pytorch.torch.float32 else dtype
                     runner.long = pytorch.TorchRunner(model, device, pytorch.torch.float32, spec.kind, trace=False,
                                                       autocast=auto)
