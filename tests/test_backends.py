@@ -158,25 +158,13 @@ def test_long_bfloat16_batches_run_under_autocast_on_the_float32_weights_kept_of
         texts = ["川沿いの道を歩いて図書館まで行きました。" * 60, TEXTS[1]]  # ~1200 tokens: past the limit
         want = st_model.encode(texts, batch_size=2, normalize_embeddings=False)
         first = _embed(registry, texts)
-        assert _file_rss(weights) < 64 << 10  # released after the batch (at most a few pages touched since)
+        assert openvino_runner.smaps_kb(weights, "Rss") < 64  # kB: released after the batch (at most a few pages since)
         again = _embed(registry, texts)
         np.testing.assert_array_equal(first, again)  # the pages read back are the file's
         cos = (first * want).sum(1) / (np.linalg.norm(first, axis=1) * np.linalg.norm(want, axis=1))
         assert cos.min() >= 0.9999
     finally:
         registry.shutdown()
-
-
-def _file_rss(path: Path) -> int:
-    """Bytes of this process's resident pages mapped from `path`."""
-    target, total, current = os.path.realpath(path), 0, False
-    for line in Path("/proc/self/smaps").read_text(encoding="utf-8", errors="replace").splitlines():
-        head = line.split(maxsplit=5)
-        if head and "-" in head[0] and not head[0].endswith(":"):
-            current = len(head) == 6 and head[5] == target
-        elif current and head[0] == "Rss:":
-            total += int(head[1]) << 10
-    return total
 
 
 def _load(model_dirs, cache: Path | None, requested: str = "openvino", kind: str = "embedding") -> backends.Loaded:

@@ -411,11 +411,11 @@ def mapped_pages(path: Path, private_ok: bool = False) -> list[tuple[int, int]]:
             if name == target and ("w" not in perms or (private_ok and perms.endswith("p")))]
 
 
-def clean_mapping(path: Path) -> bool:
-    """Whether this process maps `path` with no page of its own (smaps' Anonymous: 0 kB in every mapping of
-    it): a copy-on-write mapping nobody wrote to holds only the file's pages, so dropping them loses nothing."""
+def smaps_kb(path: Path, field: str) -> int | None:
+    """The sum of smaps' `field` (e.g. "Rss", "Anonymous"), in kB, over this process's mappings of `path`; None
+    when it maps none (or smaps cannot be read)."""
     target = os.path.realpath(path)
-    seen, current = False, False
+    total, seen, current = 0, False, False
     try:
         with open("/proc/self/smaps", encoding="utf-8", errors="replace") as f:
             for line in f:
@@ -423,11 +423,17 @@ def clean_mapping(path: Path) -> bool:
                 if head and re.fullmatch(r"[0-9a-f]+-[0-9a-f]+", head[0]):
                     current = len(head) == 6 and head[5].rstrip("\n") == target
                     seen |= current
-                elif current and head and head[0] == "Anonymous:" and head[1] != "0":
-                    return False
-    except OSError:
-        return False
-    return seen
+                elif current and head and head[0] == field + ":":
+                    total += int(head[1])
+    except (OSError, ValueError):
+        return None
+    return total if seen else None
+
+
+def clean_mapping(path: Path) -> bool:
+    """Whether this process maps `path` with no page of its own (smaps' Anonymous: 0 kB in every mapping of
+    it): a copy-on-write mapping nobody wrote to holds only the file's pages, so dropping them loses nothing."""
+    return smaps_kb(path, "Anonymous") == 0
 
 
 def weight_files(module: torch.nn.Module) -> list[Path]:
@@ -439,7 +445,7 @@ def weight_files(module: torch.nn.Module) -> list[Path]:
     for tensor in [*module.parameters(), *module.buffers()]:
         ptr = tensor.data_ptr()
         i = bisect.bisect_right(starts, ptr) - 1
-        if i >= 0 and maps[i][0] <= ptr < maps[i][1] and not maps[i][3].endswith(".so") and ".so." not in maps[i][3]:
+        if i >= 0 and maps[i][0] <= ptr < maps[i][1]:
             found.add(maps[i][3])
     return [Path(name) for name in sorted(found) if clean_mapping(Path(name))]
 
@@ -641,7 +647,7 @@ def convert(model: Any, spec: ModelSpec, dtype: torch.dtype, threads: int, strea
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)  # compiled models hold their weights: files not needed
     assert runner is not None
-    files = weight_files(first)  # before freeing: the input embedding alone may leave a file unnamed
+    runner.weight_files = weight_files(first)  # before freeing: the input embedding alone may leave a file out
     if free_torch:
         first.model = None  # the torch copy of the transformer: its weights now live in the compiled model
         del hf_model, reference
@@ -649,7 +655,6 @@ def convert(model: Any, spec: ModelSpec, dtype: torch.dtype, threads: int, strea
     trim_heap()  # what the export and the checks freed (one process loading 30m uncached: RSS 916 -> 780 MB)
     # What loading touched of the model file's mapping (78 of 105 MB on the 30m shape, at a cached start): the
     # compiled model holds the transformer's weights, the lookup reads only the rows of the tokens it meets.
-    runner.weight_files = [p for p in files if mapped_pages(p, private_ok=True)]
     released = runner.release_weights()
     log.info("%s: dropped %.0f MB of the torch weights' file pages from RSS", spec.id, released / 2**20)
     return runner
