@@ -14,6 +14,7 @@ the worker's RSS over the run.
     .venv/bin/python bench/request_path.py --shape tiny --seconds 5
     .venv/bin/python bench/request_path.py --also EMBEDAPI_THREADS=16   # A/B, alternated (--rounds)
     .venv/bin/python bench/request_path.py --profile bench/out/flame   # py-spy record --gil / --idle too
+    .venv/bin/python bench/request_path.py --shape 30m --ceiling       # and the forward pass alone, no HTTP
 
 Needs `wrk` (apt-get install wrk) and, for --profile, py-spy (pip). Nothing is asserted: figures only.
 """
@@ -184,19 +185,54 @@ def idle_p50(port: int, bodies: list[bytes], n: int = 200) -> float:
     return 1000 * bm.percentile(times[20:], 50)
 
 
-def raw_figures(model_dir: Path, texts: list[str]) -> tuple[float, float]:
-    """Raw float32 encode texts/s at bs 32 (best of 3), and p50 ms of one text encoded alone."""
-    from sentence_transformers import SentenceTransformer
-    torch.set_num_threads(bm.TORCH_THREADS)
-    st = SentenceTransformer(str(model_dir), device="cpu")
-    st.encode(texts[:32], batch_size=32)
-    batch = bm.best_of(3, lambda: bm.timed(lambda: st.encode(texts[:2048], batch_size=32)))
-    single = []
-    for text in texts[:220]:
-        t = time.perf_counter()
-        st.encode([text], batch_size=1)
-        single.append(time.perf_counter() - t)
-    return min(2048, len(texts)) / batch, 1000 * bm.percentile(single[20:], 50)
+class Raw:
+    """Raw float32 `SentenceTransformer.encode` in this process, the ratios' reference. Its rate is measured again
+    before every round (no server running), so each server run is compared with the raw rate of the same minutes:
+    on a shared machine the raw rate moved by 20 % within an hour (docs/benchmarks.md, 9th run)."""
+
+    def __init__(self, model_dir: Path, texts: list[str]) -> None:
+        from sentence_transformers import SentenceTransformer
+        torch.set_num_threads(bm.TORCH_THREADS)
+        self.st = SentenceTransformer(str(model_dir), device="cpu")
+        self.texts = texts[:2048]
+        self.st.encode(self.texts[:32], batch_size=32)
+
+    def rate(self, reps: int = 1) -> float:
+        """texts/s at bs 32 (best of `reps` passes over 2048 texts)."""
+        return len(self.texts) / bm.best_of(reps, lambda: bm.timed(lambda: self.st.encode(self.texts, batch_size=32)))
+
+    def single_p50(self) -> float:
+        """p50 ms of one text encoded alone."""
+        single = []
+        for text in self.texts[:220]:
+            t = time.perf_counter()
+            self.st.encode([text], batch_size=1)
+            single.append(time.perf_counter() - t)
+        return 1000 * bm.percentile(single[20:], 50)
+
+
+def forward_ceiling(model_dir: Path, texts: list[str], dtype: str, env: dict[str, str], batches: list[int],
+                    seconds: float = 3.0) -> dict[int, float]:
+    """texts/s of the server's own forward pass alone, as the default worker runs it under load: the runner
+    embedapi.backends.load_runner builds for this configuration (its backend, the dtype, the conversion cache
+    the server used), two passes side by side on one thread each, no HTTP and no queue, at each batch size
+    (the server's mean batch and larger), on the same texts' ids."""
+    from transformers import AutoTokenizer
+    from backends import side_by_side_rate  # bench/backends.py: passes side by side, as the engine's lanes
+    from embedapi import backends
+    from embedapi.config import ModelSpec, Settings
+    settings = Settings.from_env({**os.environ, **env})
+    spec = ModelSpec(id="ceiling", source=str(model_dir), kind="embedding", dtype=dtype)
+    cache = settings.conversion_cache
+    loaded = backends.load_runner(spec, "cpu", settings.backend, trace=settings.trace, threads=bm.TORCH_THREADS,
+                                  streams=3, cache_root=None if cache.strip().lower() == "off" else cache,
+                                  openvino_max_tokens=settings.openvino_max_tokens)
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    out = {}
+    for bs in batches:
+        ids = [tok(t)["input_ids"] for t in texts[:bs]]
+        out[bs] = side_by_side_rate(loaded.runner, ids, 1, 2, seconds)
+    return out
 
 
 def main() -> int:
@@ -209,6 +245,8 @@ def main() -> int:
     ap.add_argument("--profile", metavar="PREFIX", help="py-spy raw stacks (--gil, --idle) of the first run")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--tokens", type=int, default=TOKENS, help="tokens per text (special tokens included)")
+    ap.add_argument("--ceiling", action="store_true",
+                    help="also the forward pass alone per configuration (no HTTP): what the server could reach")
     ap.add_argument("--models-dir", default=os.environ.get("EMBEDAPI_BENCH_MODELS",
                                                             str(Path(tempfile.gettempdir()) / "embedapi-bench")))
     args = ap.parse_args()
@@ -230,6 +268,7 @@ def main() -> int:
           f"{os.cpu_count()} CPUs ({cpu_name()}), torch {torch.__version__}, Python {sys.version.split()[0]}; "
           f"wrk -t2 -c{CLIENTS}, one distinct ~{args.tokens}-token text per request, {args.seconds:g} s per run")
     rows = []
+    ceilings: list[tuple[str, str, dict[str, float], float, int, dict[int, float]]] = []
     for shape in shapes:
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(str(paths[names[shape]]))
@@ -242,11 +281,14 @@ def main() -> int:
             data.write_text("\n".join(bodies) + "\n", encoding="utf-8")
             lua = Path(tmp) / "bodies.lua"
             lua.write_text(WRK_LUA % data)
-            raw_rate, raw_single = raw_figures(paths[names[shape]], texts)
+            raw = Raw(paths[names[shape]], texts)
+            raw_single = raw.single_p50()
+            raw_rates: list[float] = []
             toml = bm.models_toml(paths, names[shape], None, args.dtype)
             results: dict[str, list[dict[str, float]]] = {c: [] for c, _ in configs}
             idle: dict[str, float] = {}
             for r in range(args.rounds):
+                raw_rates.append(raw.rate(2))
                 for label, env in configs:
                     server = bm.start_server(toml, **env)
                     try:
@@ -254,25 +296,50 @@ def main() -> int:
                             idle[label] = idle_p50(server.port, [b.encode() for b in bodies[:200]])
                         wrk(server.port, lua, 3)  # warm: threads started, caches filled
                         prof = f"{args.profile}-{shape}-{label.replace('=', '_')}" if args.profile and r == 0 else None
-                        results[label].append(measure(server, lua, args.seconds, "bench/embed", prof))
+                        results[label].append({**measure(server, lua, args.seconds, "bench/embed", prof),
+                                               "raw": raw_rates[-1]})
                     finally:
                         server.stop()
             toml.unlink()
+            del raw
+        raw_rate = float(np.median(raw_rates))
         for label, runs in results.items():
-            best = max(runs, key=lambda m: m["rps"])
+            best = max(runs, key=lambda m: m["rps"] / m["raw"])  # the best ratio to the raw rate of its round
             rows.append((shape, label, best, raw_rate, raw_single, idle[label], np.mean(lengths), runs))
+            if args.ceiling:
+                mean_batch = max(1, round(float(np.mean([m["mean_batch"] for m in runs]))))
+                rates = forward_ceiling(paths[names[shape]], texts, args.dtype, dict(configs)[label],
+                                        sorted({mean_batch, 32}))
+                ceilings.append((shape, label, best, raw_rate, mean_batch, rates))
 
+    print("Each round measures raw float32 encode (bs 32) first, then each configuration; 'x raw' is a run's req/s over "
+          "its round's raw rate: the best run, then every run in round order. Other columns are the best run's.")
     print("| shape | config | req/s | x raw fp32 bs32 | worker CPU ms/req | forward | rest (kernel; main loop) | "
           "hand-off mean / p50<= / "
           "p99<= ms | idle p50 ms (raw single) | RSS start -> end MB | mean batch | errors |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for shape, label, m, raw_rate, raw_single, idle_ms, tokens, runs in rows:
         each = "/".join(f"{x['rps']:.0f}" for x in runs)
-        print(f"| {shape} (~{tokens:.0f} tok) | {label} | {m['rps']:.0f} ({each}) | {m['rps'] / raw_rate:.2f}x "
-              f"(raw {raw_rate:.0f}/s) | {m['cpu_ms']:.2f} | {m['forward_ms']:.2f} | "
+        ratios = "/".join(f"{x['rps'] / x['raw']:.2f}" for x in runs)
+        raws = "/".join(f"{x['raw']:.0f}" for x in runs)
+        print(f"| {shape} (~{tokens:.0f} tok) | {label} | {m['rps']:.0f} ({each}) | {m['rps'] / m['raw']:.2f}x "
+              f"({ratios}; raw {raws}/s) | {m['cpu_ms']:.2f} | {m['forward_ms']:.2f} | "
               f"{m['rest_ms']:.2f} ({m['rest_sys_ms']:.2f}; {m['main_ms']:.2f}) | "
               f"{m['handoff_mean_ms']:.2f} / {m['handoff_p50_le_ms']:.1f} / {m['handoff_p99_le_ms']:.1f} | "
               f"{idle_ms:.2f} ({raw_single:.2f}) | {m['rss_start_mb']:.0f} -> {m['rss_end_mb']:.0f} | {m['mean_batch']:.1f} | {m['errors']} |")
+    if ceilings:
+        print()
+        print("Forward pass alone (--ceiling): the same runner, 2 passes side by side x 1 thread, no HTTP. 'bound' is "
+              "the server's best run if its 2 CPUs did nothing but these passes and its measured rest per request")
+        print("| shape | config | forward alone, texts/s at the server's mean batch (x median raw) | at batch 32 (x median raw) | "
+              "server / forward alone | bound at the mean batch: 2 CPUs / (forward + rest) (x median raw) |")
+        print("|---|---|---|---|---|---|")
+        for shape, label, m, raw_rate, mean_batch, rates in ceilings:
+            at = rates[mean_batch]
+            per_text = 2.0 / at  # CPU-seconds per text of the two 1-thread passes
+            bound = 2.0 / (per_text + m["rest_ms"] / 1000)
+            print(f"| {shape} | {label} | {at:.0f} at {mean_batch} ({at / raw_rate:.2f}x) | {rates[32]:.0f} "
+                  f"({rates[32] / raw_rate:.2f}x) | {m['rps'] / at:.0%} | {bound:.0f} ({bound / raw_rate:.2f}x) |")
     return 0
 
 
