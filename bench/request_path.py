@@ -211,13 +211,12 @@ class Raw:
         return 1000 * bm.percentile(single[20:], 50)
 
 
-def forward_ceiling(model_dir: Path, texts: list[str], dtype: str, env: dict[str, str], batches: list[int],
+def forward_ceiling(model_dir: Path, tok: Any, texts: list[str], dtype: str, env: dict[str, str], batches: list[int],
                     seconds: float = 3.0) -> dict[int, float]:
     """texts/s of the server's own forward pass alone, as the default worker runs it under load: the runner
     embedapi.backends.load_runner builds for this configuration (its backend, the dtype, the conversion cache
     the server used), two passes side by side on one thread each, no HTTP and no queue, at each batch size
     (the server's mean batch and larger), on the same texts' ids."""
-    from transformers import AutoTokenizer
     from backends import side_by_side_rate  # bench/backends.py: passes side by side, as the engine's lanes
     from embedapi import backends
     from embedapi.config import ModelSpec, Settings
@@ -228,7 +227,6 @@ def forward_ceiling(model_dir: Path, texts: list[str], dtype: str, env: dict[str
     loaded = backends.load_runner(spec, "cpu", settings.backend, trace=settings.trace, threads=bm.TORCH_THREADS,
                                   streams=3, cache_root=None if cache.strip().lower() == "off" else cache,
                                   openvino_max_tokens=settings.openvino_max_tokens)
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
     out = {}
     for bs in batches:
         ids = [tok(t)["input_ids"] for t in texts[:bs]]
@@ -309,7 +307,7 @@ def main() -> int:
             rows.append((shape, label, best, raw_rate, raw_single, idle[label], np.mean(lengths), runs))
             if args.ceiling:
                 mean_batch = max(1, round(float(np.mean([m["mean_batch"] for m in runs]))))
-                rates = forward_ceiling(paths[names[shape]], texts, args.dtype, dict(configs)[label],
+                rates = forward_ceiling(paths[names[shape]], tok, texts, args.dtype, dict(configs)[label],
                                         sorted({mean_batch, 32}))
                 ceilings.append((shape, label, best, raw_rate, mean_batch, rates))
 
