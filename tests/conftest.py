@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -22,6 +24,27 @@ INSTRUCT = "test/instruct-tiny"
 RERANK = "test/ruri-v3-reranker-tiny"
 EMBED_ALIAS = "text-embedding-3-small"
 SHORT_MAX = 16
+
+
+def torch_ops_called_from_python(run: Callable[[], object]) -> list[str]:
+    """The torch ops (tensor methods and torch functions, not the conversions from and to numpy) that `run()`
+    calls from Python: each releases the GIL and must take it back, which under load means waiting for the
+    request threads."""
+    import torch
+
+    calls: list[str] = []
+
+    def watch(frame, event, arg):
+        if event == "c_call" and (isinstance(getattr(arg, "__self__", None), torch.Tensor) or
+                                  getattr(arg, "__module__", None) == "torch") \
+                and arg.__name__ not in ("numpy", "from_numpy"):
+            calls.append(arg.__qualname__)
+    sys.setprofile(watch)
+    try:
+        run()
+    finally:
+        sys.setprofile(None)
+    return calls
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -20,7 +20,7 @@ from embedapi.config import ModelSpec, Settings
 from embedapi.errors import ConfigError
 from embedapi.registry import Registry
 
-from .conftest import EMBED, RERANK
+from .conftest import EMBED, RERANK, torch_ops_called_from_python
 
 TEXTS = ["今日は良い天気です。", "名古屋大学で開発された日本語の埋め込みモデル。" * 4,
          "川沿いの道を歩いて図書館まで行きました。" * 12]  # ~10 to ~250 tokens: past the 128-token window
@@ -310,6 +310,46 @@ def test_an_openvino_pass_releases_the_gil(f32):
         worker.join()
         sys.setswitchinterval(interval)
     assert during > 1000
+
+
+def test_the_pooling_after_openvino_runs_traced_in_one_call(f32, st_model, monkeypatch):
+    """The sentence-transformers modules after the compiled transformer run as one traced call: a pass calls
+    no torch op from Python but the input-embedding lookup. Eager, they give the same rows."""
+    runner = f32.models[EMBED].engine.runner.inner
+    assert runner.tail_traced
+    ids = [st_model.tokenizer(t)["input_ids"] for t in TEXTS]
+    traced = runner.run(ids)
+    # per pass, the lookup's torch.embedding (and F.embedding's weight.size() check): nothing of the pooling
+    assert set(torch_ops_called_from_python(lambda: runner.run(ids))) == {"_VariableFunctionsClass.embedding",
+                                                                          "Parameter.size"}
+    monkeypatch.setattr(runner, "_tail_script", None)
+    np.testing.assert_allclose(runner.run(ids), traced, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(traced, st_model.encode(TEXTS, batch_size=len(TEXTS), normalize_embeddings=False),
+                               rtol=0, atol=1e-5)
+
+
+class _ShapeBound(torch.nn.Module):
+    """Pooling whose Python branches on the width: a trace keeps the branch of its example's width only."""
+
+    def forward(self, features: dict) -> dict:
+        hidden = features["token_embeddings"]
+        features["sentence_embedding"] = hidden[:, 0] if hidden.shape[1] > 100 else hidden.mean(1)
+        return features
+
+
+def test_modules_after_openvino_that_do_not_trace_faithfully_run_eager(st_model, monkeypatch, caplog):
+    with caplog.at_level(logging.WARNING, logger="embedapi.backends.pytorch"):
+        assert pytorch.traced_tail([_ShapeBound()], "token_embeddings", "sentence_embedding", 8) is None
+    assert "differ from the eager ones on a batch of (3, 150)" in caplog.text
+    pooling = list(st_model)[1:]
+    assert pytorch.traced_tail(pooling, "token_embeddings", "sentence_embedding", 64) is not None
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("tracer exploded")
+    monkeypatch.setattr(pytorch.torch.jit, "trace", broken)
+    with caplog.at_level(logging.WARNING, logger="embedapi.backends.pytorch"):
+        assert pytorch.traced_tail(pooling, "token_embeddings", "sentence_embedding", 64) is None
+    assert "run eager (RuntimeError: tracer exploded)" in caplog.text
 
 
 def test_openvinos_threads_are_named_for_top_and_the_benchmark(f32):

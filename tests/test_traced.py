@@ -12,7 +12,7 @@ from embedapi import create_app
 from embedapi.backends import pytorch as backend
 from embedapi.config import ModelSpec
 
-from .conftest import EMBED, RERANK
+from .conftest import EMBED, RERANK, torch_ops_called_from_python
 
 
 def _texts(n: int = 6) -> list[str]:
@@ -64,6 +64,37 @@ def test_traced_rerank_logits_are_the_eager_ones(model_dirs, ce_model):
     assert traced.traced
     pairs = [ce_model.tokenizer("東京の天気は？", t)["input_ids"] for t in _texts()]
     np.testing.assert_array_equal(traced.run(pairs), eager.run(pairs))
+
+
+@pytest.mark.parametrize("kind", ["embedding", "rerank"])
+def test_a_traced_pass_is_one_call_pooling_included(model_dirs, st_model, kind):
+    """The whole model is traced, the sentence-transformers pooling after the transformer included: a pass calls
+    no torch op from Python (the eager pooling called ten, each a GIL hand-off)."""
+    traced = _runner(model_dirs, kind, True)
+    assert traced.traced and traced.traced_whole
+    ids = [st_model.tokenizer(t)["input_ids"] for t in _texts(3)]
+    traced.run(ids)
+    assert torch_ops_called_from_python(lambda: traced.run(ids)) == []
+    eager = _runner(model_dirs, kind, False)
+    np.testing.assert_array_equal(traced.run(ids), eager.run(ids))
+    assert torch_ops_called_from_python(lambda: eager.run(ids))  # what the check above can see
+
+
+def test_when_the_whole_model_does_not_trace_its_transformer_alone_is(model_dirs, st_model, monkeypatch, caplog):
+    real_trace = torch.jit.trace
+
+    def no_pooling(module, example, **kwargs):
+        if isinstance(module, backend._Whole):
+            raise RuntimeError("pooling does not trace")
+        return real_trace(module, example, **kwargs)
+    monkeypatch.setattr(backend.torch.jit, "trace", no_pooling)
+    with caplog.at_level(logging.INFO, logger="embedapi.backends.pytorch"):
+        runner = _runner(model_dirs, "embedding", True)
+    assert runner.traced and not runner.traced_whole
+    assert "pooling does not trace" in caplog.text and "its transformer alone is traced" in caplog.text
+    ids = [st_model.tokenizer(t)["input_ids"] for t in _texts()]
+    np.testing.assert_allclose(runner.run(ids), st_model.encode(_texts(), batch_size=len(ids),
+                                                                normalize_embeddings=False), rtol=0, atol=1e-6)
 
 
 def test_traced_bfloat16_matches_eager_bfloat16(model_dirs, st_model):

@@ -247,7 +247,7 @@ class OpenVINORunner:
 
     def __init__(self, compiled: Any, kind: str, names: tuple[str, ...], tail: list[Any], output_key: str,
                  module_output: str, pad_id: int, token_types: bool, max_seq_length: int, dtype: torch.dtype,
-                 cache: str | None, embed: Any = None) -> None:
+                 cache: str | None, embed: Any = None, hidden_size: int = 0) -> None:
         self.compiled, self.kind, self.names, self.tail = compiled, kind, names, tail
         self.output_key, self.module_output = output_key, module_output
         self.pad_id, self.token_types, self.max_seq_length = pad_id, token_types, max_seq_length
@@ -272,6 +272,14 @@ class OpenVINORunner:
         # shared by workers), so OpenVINO holds no copy of the vocabulary-sized table.
         self.embed = embed
         self._local = threading.local()
+        # The modules after the transformer, traced (one GIL hand-off per pass, not one per op); None: eager.
+        self._tail_script = pytorch.traced_tail(tail, module_output, output_key, hidden_size) \
+            if tail and hidden_size else None
+
+    @property
+    def tail_traced(self) -> bool:
+        """The modules after the transformer run traced, one call a pass."""
+        return self._tail_script is not None
 
     def _request(self) -> Any:
         request = getattr(self._local, "request", None)
@@ -318,6 +326,9 @@ class OpenVINORunner:
         hidden = np.array(result[0], dtype=np.float32, copy=True)  # the request reuses its output buffer
         if not self.tail:
             out = hidden
+        elif self._tail_script is not None:
+            with torch.inference_mode():
+                out = self._tail_script(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(hidden)).numpy()
         else:
             features = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
                         self.module_output: torch.from_numpy(hidden)}
@@ -621,7 +632,7 @@ def convert(model: Any, spec: ModelSpec, dtype: torch.dtype, threads: int, strea
         make = lambda dt, st: OpenVINORunner(  # noqa: E731
             _compile(core, ir_for(entry, dt, spec.kind), dt, threads, st), spec.kind, names, list(model)[1:],
             reference.output_key, first.module_output_name, reference.pad_id, reference.token_types,
-            reference.max_seq_length, dt, state, embed)
+            reference.max_seq_length, dt, state, embed, int(getattr(hf_model.config, "hidden_size", 0) or 0))
         precisions = [torch.float32] if dtype == torch.float32 else [torch.float32, dtype]
         if dtype != torch.float32 and state == "hit" and (entry / VERIFIED).is_file():
             precisions = [dtype]  # the entry passed the float32 check at an earlier load: no float32 compile now

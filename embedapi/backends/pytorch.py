@@ -278,6 +278,70 @@ class _Positional(torch.nn.Module):
         return self.hf_model(**dict(zip(self.names, inputs)), return_dict=True)[self.output]
 
 
+class _Whole(torch.nn.Module):
+    """The transformer and the sentence-transformers modules after it (pooling, normalisation), as `run` calls
+    them eager, ending in float32 rows: traced as one graph, a pass is one call that releases the GIL once.
+
+    Every torch op called from Python releases the GIL and takes it back; under load each take waits for the
+    request threads, so a pooling of ten ops in Python costs a lane ten waits (docs/benchmarks.md).
+    """
+
+    def __init__(self, positional: _Positional, module_output: str, tail: list[torch.nn.Module],
+                 output_key: str) -> None:
+        super().__init__()
+        self.positional, self.module_output, self.output_key = positional, module_output, output_key
+        self.tail = torch.nn.ModuleList(tail)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        features = dict(zip(self.positional.names, inputs))
+        features[self.module_output] = self.positional(*inputs)
+        for module in self.tail:
+            features = module(features)
+        return features[self.output_key].float()
+
+
+class _Tail(torch.nn.Module):
+    """The sentence-transformers modules after a transformer that runs elsewhere (OpenVINO), from its hidden
+    states to float32 rows: traced, they are one call, one GIL hand-off instead of one per op (see _Whole)."""
+
+    def __init__(self, tail: list[torch.nn.Module], module_output: str, output_key: str) -> None:
+        super().__init__()
+        self.tail, self.module_output, self.output_key = torch.nn.ModuleList(tail), module_output, output_key
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        features = {"input_ids": input_ids, "attention_mask": attention_mask, self.module_output: hidden}
+        for module in self.tail:
+            features = module(features)
+        return features[self.output_key].float()
+
+
+def traced_tail(tail: list[torch.nn.Module], module_output: str, output_key: str, width: int) -> Any:
+    """`_Tail` traced, if it gives the eager modules' rows on padded batches of several shapes; else None
+    (logged), and the modules run eager. `width`: the hidden states' last dimension."""
+    eager = _Tail(tail, module_output, output_key).eval()
+
+    def example(rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        gen = torch.Generator().manual_seed(rows * 131 + length)
+        ids = torch.randint(10, 1000, (rows, length), generator=gen)
+        mask = torch.ones_like(ids)
+        if rows > 1:
+            ids[-1, length // 2:], mask[-1, length // 2:] = 0, 0
+        return ids, mask, torch.randn(rows, length, width, generator=gen)
+    try:
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            script = torch.jit.trace(eager, example(2, 24), check_trace=False)
+            for shape in ((1, 5), (3, 150), (2, 24), (2, 300)):
+                inputs = example(*shape)
+                want, got = eager(*inputs), script(*inputs)
+                if got.shape != want.shape or not torch.allclose(got, want, rtol=0, atol=1e-6):
+                    raise ValueError(f"the traced modules differ from the eager ones on a batch of {shape}")
+    except Exception as exc:  # eager is always correct
+        log.warning("the modules after the transformer run eager (%s: %s)", type(exc).__name__, exc)
+        return None
+    return script
+
+
 def pad_batch(batch: Sequence[Sequence[int]], pad_id: int, token_types: bool
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(input_ids, attention_mask, token_type_ids or None) of a batch padded on the right, as the tokenizer
@@ -354,6 +418,7 @@ class TorchRunner:
         self._script_inputs: tuple[str, ...] = ()
         self._script_output = ""
         self._tail: list[Any] = []  # the modules after the traced one (pooling, normalisation)
+        self._whole = False  # the trace is the whole model: it returns the rows
         if self.device.type == "cpu" and dtype != torch.float32:
             contiguous_activations(self.model)  # not float32: measured slower there in the server
         if self.trace_on(device, trace) and autocast is None:
@@ -368,54 +433,73 @@ class TorchRunner:
     def traced(self) -> bool:
         return self._script is not None
 
+    @property
+    def traced_whole(self) -> bool:
+        """The trace is the whole model, pooling included: one call a pass."""
+        return self._script is not None and self._whole
+
     def run(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
         ids, mask, types = pad_batch(batch, self.pad_id, self.token_types)
-        features = {"input_ids": torch.from_numpy(ids).to(self.device),
-                    "attention_mask": torch.from_numpy(mask).to(self.device)}
+        on_cpu = self.device.type == "cpu"  # no .to() there: each torch call from Python is a GIL hand-off
+        features = {"input_ids": torch.from_numpy(ids) if on_cpu else torch.from_numpy(ids).to(self.device),
+                    "attention_mask": torch.from_numpy(mask) if on_cpu else torch.from_numpy(mask).to(self.device)}
         if types is not None:
             features["token_type_ids"] = torch.from_numpy(types).to(self.device)
         with torch.inference_mode(), _autocast(self.device.type, self.autocast):
             out = self._forward(features, self._script)
+            rows = out.numpy() if on_cpu and out.dtype == torch.float32 else out.float().cpu().numpy()
         if self.kind == "rerank":
-            out = out.reshape(len(batch), -1)[:, 0]
-        return out.float().cpu().numpy()
+            rows = rows.reshape(len(batch), -1)[:, 0]
+        return rows
 
     def _forward(self, features: dict[str, torch.Tensor], script: Any) -> torch.Tensor:
         if script is None:
             return self.model(features)[self.output_key]
-        features[self._script_output] = script(*(features[n] for n in self._script_inputs))
+        out = script(*(features[n] for n in self._script_inputs))
+        if self._whole:
+            return out
+        features[self._script_output] = out
         for module in self._tail:
             features = module(features)
         return features[self.output_key]
 
     # -- tracing ---------------------------------------------------------------------------
     def _trace(self) -> None:
-        """Trace the first module's model; keep it only if it matches the eager model."""
+        """Trace the whole model (transformer, pooling, normalisation) or, failing that, the first module's
+        transformer alone; keep a trace only if it matches the eager model."""
         first = self.model[0]
-        try:
-            text = first.modality_config["text"]
-            hf_model, output = first.model, text["method_output_name"]
-            if text["method"] != "forward" or not isinstance(output, str) or \
-                    getattr(hf_model.config, "output_hidden_states", False):
-                log.info("not tracing %s: its transformer is not a plain forward", type(hf_model).__name__)
+        text = getattr(first, "modality_config", {}).get("text", {})
+        hf_model, output = getattr(first, "model", None), text.get("method_output_name")
+        if hf_model is None or text.get("method") != "forward" or not isinstance(output, str) or \
+                getattr(hf_model.config, "output_hidden_states", False):
+            log.info("not tracing %s: its transformer is not a plain forward", type(hf_model).__name__)
+            return
+        names = input_names(hf_model, self.token_types)
+        tail = list(self.model)[1:]
+        problem = ""
+        for whole in (True, False):
+            positional = _Positional(hf_model, names, output)
+            module = _Whole(positional, first.module_output_name, tail, self.output_key) if whole else positional
+            try:
+                with torch.inference_mode(), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # TracerWarnings, and torch.jit's own deprecation notice
+                    script = torch.jit.trace(module.eval(), tuple(self._example_batch(2, 24, names).values()),
+                                             check_trace=False)
+                self._script_inputs, self._script_output = names, first.module_output_name
+                self._tail = [] if whole else tail
+                self._whole = whole
+                mismatch = self._check(script, names)
+            except Exception as exc:  # any failure leaves the model eager, which is always correct
+                problem = f"tracing {type(first).__name__} failed ({type(exc).__name__}: {exc})"
+                continue
+            if not mismatch:
+                self._script = script
+                if problem:
+                    log.info("%s as a whole; its transformer alone is traced", problem)
                 return
-            names = input_names(hf_model, self.token_types)
-            example = self._example_batch(2, 24, names)
-            with torch.inference_mode(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # TracerWarnings, and torch.jit's own deprecation notice
-                script = torch.jit.trace(_Positional(hf_model, names, output).eval(), tuple(example.values()),
-                                         check_trace=False)
-            self._script_inputs, self._script_output = names, first.module_output_name
-            self._tail = list(self.model)[1:]
-            mismatch = self._check(script, names)
-        except Exception as exc:  # any failure leaves the model eager, which is always correct
-            log.warning("tracing %s failed, it runs eager (%s: %s)", type(self.model[0]).__name__,
-                        type(exc).__name__, exc)
-            return
-        if mismatch:
-            log.warning("traced model differs from the eager one (%s); it runs eager", mismatch)
-            return
-        self._script = script
+            problem = f"traced model differs from the eager one ({mismatch})"
+        self._tail, self._whole = [], False
+        log.warning("%s; it runs eager", problem)
 
     def _example_batch(self, rows: int, width: int, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
         """Token ids (fixed seed) with the last row half padding, as `run` builds them."""
