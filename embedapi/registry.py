@@ -228,10 +228,13 @@ class Registry:
             lambda texts: engine.submit([encoder.single(i) for i in encoder.ids(texts)]).wait(600),
             resolve_prompts(spec.id, spec.prompts)[1].values())
         seconds = time.monotonic() - started
-        how = "traced" if runner.traced else "eager"
+        how = (f"traced ({'whole model' if getattr(runner, 'traced_whole', False) else 'transformer only'})"
+               if runner.traced else "eager")
         if loaded.backend == "openvino":
             long = runner.long
-            how = f"conversion cache {runner.cache}, " + (
+            after = ("pooling traced, " if runner.tail_traced else "pooling eager, ") if runner.tail \
+                else ""
+            how = f"conversion cache {runner.cache}, {after}" + (
                 f"batches over {runner.max_tokens} tokens on torch {'traced' if long.traced else 'eager'}"
                 + (" (float32 weights, bfloat16 autocast)" if getattr(long, "autocast", None) is not None else "")
                 if long is not None else "every batch on OpenVINO")
