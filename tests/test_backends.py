@@ -341,14 +341,14 @@ def test_modules_after_openvino_that_do_not_trace_faithfully_run_eager(st_model,
     with caplog.at_level(logging.WARNING, logger="embedapi.backends.pytorch"):
         assert pytorch.traced_tail([_ShapeBound()], "token_embeddings", "sentence_embedding", 8) is None
     assert "differ from the eager ones on a batch of (3, 150)" in caplog.text
-    pooling = list(st_model)[1:]
-    assert pytorch.traced_tail(pooling, "token_embeddings", "sentence_embedding", 64) is not None
+    pooling, width = list(st_model)[1:], st_model.get_embedding_dimension()
+    assert pytorch.traced_tail(pooling, "token_embeddings", "sentence_embedding", width) is not None
 
     def broken(*args, **kwargs):
         raise RuntimeError("tracer exploded")
     monkeypatch.setattr(pytorch.torch.jit, "trace", broken)
     with caplog.at_level(logging.WARNING, logger="embedapi.backends.pytorch"):
-        assert pytorch.traced_tail(pooling, "token_embeddings", "sentence_embedding", 64) is None
+        assert pytorch.traced_tail(pooling, "token_embeddings", "sentence_embedding", width) is None
     assert "run eager (RuntimeError: tracer exploded)" in caplog.text
 
 
