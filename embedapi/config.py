@@ -198,7 +198,7 @@ class Settings:
     parallel_batches: int = 0  # 0 = the device's default (backend: 2 on a CPU with 2+ threads, else 1)
     query_lanes: int = -1  # extra passes for non-bulk work while bulk holds the others; -1: CPU 1, else 0
     busy_wait_ms: float = 200.0  # while bulk work runs, other passes start at most this often (and batch)
-    trace: bool = True  # CPU: run each model traced to TorchScript, pooling included (GIL released), if it matches eager
+    trace: bool = True  # CPU: models run traced to TorchScript, pooling included (GIL released), if they match eager
     # auto | torch | openvino; a model entry's `backend` wins. torch until OpenVINO's worker memory stays bounded
     # under many batch shapes (tests/test_soak.py grew +300 MiB a minute on it; docs/backends.md)
     backend: str = "torch"

@@ -495,7 +495,7 @@ class TorchRunner:
             if not mismatch:
                 self._script = script
                 if problem:
-                    log.info("%s as a whole; its transformer alone is traced", problem)
+                    log.info("the whole model is not traced (%s); its transformer alone is traced", problem)
                 return
             problem = f"traced model differs from the eager one ({mismatch})"
         self._tail, self._whole = [], False
