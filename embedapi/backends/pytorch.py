@@ -278,41 +278,39 @@ class _Positional(torch.nn.Module):
         return self.hf_model(**dict(zip(self.names, inputs)), return_dict=True)[self.output]
 
 
-class _Whole(torch.nn.Module):
-    """The transformer and the sentence-transformers modules after it (pooling, normalisation), as `run` calls
-    them eager, ending in float32 rows: traced as one graph, a pass is one call that releases the GIL once.
-
-    Every torch op called from Python releases the GIL and takes it back; under load each take waits for the
-    request threads, so a pooling of ten ops in Python costs a lane ten waits (docs/benchmarks.md).
-    """
-
-    def __init__(self, positional: _Positional, module_output: str, tail: list[torch.nn.Module],
-                 output_key: str) -> None:
-        super().__init__()
-        self.positional, self.module_output, self.output_key = positional, module_output, output_key
-        self.tail = torch.nn.ModuleList(tail)
-
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        features = dict(zip(self.positional.names, inputs))
-        features[self.module_output] = self.positional(*inputs)
-        for module in self.tail:
-            features = module(features)
-        return features[self.output_key].float()
-
-
 class _Tail(torch.nn.Module):
-    """The sentence-transformers modules after a transformer that runs elsewhere (OpenVINO), from its hidden
-    states to float32 rows: traced, they are one call, one GIL hand-off instead of one per op (see _Whole)."""
+    """The sentence-transformers modules after a transformer (pooling, normalisation), from its hidden states to
+    float32 rows. Traced on its own for a transformer that runs elsewhere (OpenVINO), and inside `_Whole`."""
 
     def __init__(self, tail: list[torch.nn.Module], module_output: str, output_key: str) -> None:
         super().__init__()
         self.tail, self.module_output, self.output_key = torch.nn.ModuleList(tail), module_output, output_key
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        features = {"input_ids": input_ids, "attention_mask": attention_mask, self.module_output: hidden}
+    def apply_to(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         for module in self.tail:
             features = module(features)
         return features[self.output_key].float()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        return self.apply_to({"input_ids": input_ids, "attention_mask": attention_mask, self.module_output: hidden})
+
+
+class _Whole(torch.nn.Module):
+    """The transformer and the modules after it, as `run` calls them eager, ending in float32 rows: traced as one
+    graph, a pass is one call that releases the GIL once.
+
+    Every torch op called from Python releases the GIL and takes it back; under load each take waits for the
+    request threads, so a pooling of ten ops in Python costs a lane ten waits (docs/benchmarks.md).
+    """
+
+    def __init__(self, positional: _Positional, after: _Tail) -> None:
+        super().__init__()
+        self.positional, self.after = positional, after
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        features = dict(zip(self.positional.names, inputs))
+        features[self.after.module_output] = self.positional(*inputs)
+        return self.after.apply_to(features)
 
 
 def traced_tail(tail: list[torch.nn.Module], module_output: str, output_key: str, width: int) -> Any:
@@ -479,7 +477,8 @@ class TorchRunner:
         problem = ""
         for whole in (True, False):
             positional = _Positional(hf_model, names, output)
-            module = _Whole(positional, first.module_output_name, tail, self.output_key) if whole else positional
+            module = _Whole(positional, _Tail(tail, first.module_output_name, self.output_key)) if whole \
+                else positional
             try:
                 with torch.inference_mode(), warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # TracerWarnings, and torch.jit's own deprecation notice
