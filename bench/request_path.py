@@ -222,10 +222,9 @@ def forward_ceiling(model_dir: Path, tok: Any, texts: list[str], dtype: str, env
     from embedapi.config import ModelSpec, Settings
     settings = Settings.from_env({**os.environ, **env})
     spec = ModelSpec(id="ceiling", source=str(model_dir), kind="embedding", dtype=dtype)
-    cache = settings.conversion_cache
     # streams: OpenVINO's, one per pass the default worker may run at once (2 lanes and the query lane)
     loaded = backends.load_runner(spec, "cpu", settings.backend, trace=settings.trace, threads=bm.TORCH_THREADS,
-                                  streams=3, cache_root=None if cache.strip().lower() == "off" else cache,
+                                  streams=3, cache_root=settings.conversion_cache_root,
                                   openvino_max_tokens=settings.openvino_max_tokens)
     out = {}
     for bs in batches:

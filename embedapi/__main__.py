@@ -205,7 +205,7 @@ def _convert(target: Target, settings: Settings) -> tuple[bool, str]:
     spec = replace(target.spec, revision=target.revision)
     if spec.backend == "torch":
         return True, 'its entry says backend = "torch": nothing to convert'
-    if settings.conversion_cache.strip().lower() == "off":
+    if settings.conversion_cache_root is None:
         return False, "EMBEDAPI_CONVERSION_CACHE is off: there is no cache to build"
     from . import backends
 

@@ -207,6 +207,11 @@ class Settings:
     log_format: str = "text"
     log_level: str = "INFO"
 
+    @property
+    def conversion_cache_root(self) -> str | None:
+        """The conversion cache directory the loaders take, None when it is off."""
+        return None if self.conversion_cache.strip().lower() == "off" else self.conversion_cache
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
         """Build settings from environment variables; `overrides` (tests, create_app(config)) win."""

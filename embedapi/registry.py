@@ -203,10 +203,9 @@ class Registry:
     def _load_one(self, backends: Any, backend: Any, spec: ModelSpec, device: str) -> LoadedModel:
         started = time.monotonic()
         log.info("loading %s model %s from %s on %s", spec.kind, spec.id, spec.source, device)
-        cache = self.settings.conversion_cache
         loaded = backends.load_runner(spec, device, spec.backend or self.settings.backend, trace=self.settings.trace,
                                       threads=self._threads, streams=self._streams,
-                                      cache_root=None if cache.strip().lower() == "off" else cache,
+                                      cache_root=self.settings.conversion_cache_root,
                                       openvino_max_tokens=self.settings.openvino_max_tokens)
         model, runner, dtype, attention = loaded.model, loaded.runner, loaded.dtype, loaded.attention
         encoder = TextEncoder(model.tokenizer, runner.max_seq_length)
