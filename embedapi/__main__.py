@@ -48,6 +48,7 @@ SETTINGS_ENV: dict[str, tuple[str, str]] = {
     "query_lanes": ("EMBEDAPI_QUERY_LANES", "-1: 1 on CPU, 0 on GPU (extra passes beside bulk work)"),
     "busy_wait_ms": ("EMBEDAPI_BUSY_WAIT_MS", "while bulk runs, other passes start at most this often"),
     "trace": ("EMBEDAPI_TRACE", "CPU: run models traced to TorchScript (pooling included) when they match eager"),
+    "prepack": ("EMBEDAPI_PREPACK", "CPU torch: linear weights reordered once for oneDNN at load, if rows match"),
     "backend": ("EMBEDAPI_BACKEND", "torch; auto: OpenVINO on CPU if it passes the parity check, else torch"),
     "conversion_cache": ("EMBEDAPI_CONVERSION_CACHE", "$HF_HOME/embedapi/openvino; off: no cache"),
     "openvino_max_tokens": ("EMBEDAPI_OPENVINO_MAX_TOKENS", "wider batches run on torch; 0: all on OpenVINO"),

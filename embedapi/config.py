@@ -199,6 +199,7 @@ class Settings:
     query_lanes: int = -1  # extra passes for non-bulk work while bulk holds the others; -1: CPU 1, else 0
     busy_wait_ms: float = 200.0  # while bulk work runs, other passes start at most this often (and batch)
     trace: bool = True  # CPU: models run traced to TorchScript, pooling included (GIL released), if they match eager
+    prepack: bool = True  # CPU torch: linear weights reordered once for oneDNN at load, if the rows stay the same
     # auto | torch | openvino; a model entry's `backend` wins. torch until OpenVINO's worker memory stays bounded
     # under many batch shapes (tests/test_soak.py grew +300 MiB a minute on it; docs/backends.md)
     backend: str = "torch"
@@ -254,6 +255,7 @@ class Settings:
             query_lanes=_env_int(env, "EMBEDAPI_QUERY_LANES", -1),
             busy_wait_ms=_env_float(env, "EMBEDAPI_BUSY_WAIT_MS", 200.0),
             trace=_env_bool(env, "EMBEDAPI_TRACE", True),
+            prepack=_env_bool(env, "EMBEDAPI_PREPACK", True),
             backend=backend,
             openvino_max_tokens=_env_int(env, "EMBEDAPI_OPENVINO_MAX_TOKENS", 512),
             conversion_cache=env.get("EMBEDAPI_CONVERSION_CACHE", "").strip() or default_conversion_cache(env),

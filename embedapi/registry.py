@@ -204,7 +204,7 @@ class Registry:
         started = time.monotonic()
         log.info("loading %s model %s from %s on %s", spec.kind, spec.id, spec.source, device)
         loaded = backends.load_runner(spec, device, spec.backend or self.settings.backend, trace=self.settings.trace,
-                                      threads=self._threads, streams=self._streams,
+                                      prepack=self.settings.prepack, threads=self._threads, streams=self._streams,
                                       cache_root=self.settings.conversion_cache_root,
                                       openvino_max_tokens=self.settings.openvino_max_tokens)
         model, runner, dtype, attention = loaded.model, loaded.runner, loaded.dtype, loaded.attention
@@ -229,6 +229,8 @@ class Registry:
         seconds = time.monotonic() - started
         how = (f"traced ({'whole model' if getattr(runner, 'traced_whole', False) else 'transformer only'})"
                if runner.traced else "eager")
+        if getattr(runner, "prepacked", 0):
+            how += f", {runner.prepacked} linear weights prepacked"
         if loaded.backend == "openvino":
             long = runner.long
             after = ("pooling traced, " if runner.tail_traced else "pooling eager, ") if runner.tail \

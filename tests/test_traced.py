@@ -20,9 +20,10 @@ def _texts(n: int = 6) -> list[str]:
     return [base * k for k in (1, 2, 5, 9, 14, 20)][:n]  # 20-odd to 300-odd tokens: both sides of the local window
 
 
-def _runner(model_dirs, kind: str, trace: bool, dtype: torch.dtype = torch.float32) -> backend.TorchRunner:
+def _runner(model_dirs, kind: str, trace: bool, dtype: torch.dtype = torch.float32,
+            prepack: bool = False) -> backend.TorchRunner:
     spec = ModelSpec(id="t", source=str(model_dirs["embed" if kind == "embedding" else "rerank"]), kind=kind)
-    return backend.TorchRunner(backend.load(spec, "cpu"), "cpu", dtype, kind, trace=trace)
+    return backend.TorchRunner(backend.load(spec, "cpu"), "cpu", dtype, kind, trace=trace, prepack=prepack)
 
 
 def _assert_left_eager(model_dirs, st_model, caplog, why: str) -> None:
@@ -124,9 +125,88 @@ def test_a_trace_that_differs_from_eager_is_not_used(model_dirs, st_model, monke
     _assert_left_eager(model_dirs, st_model, caplog, "differs from the eager one")
 
 
+needs_onednn = pytest.mark.skipif(not backend.prepack_available(torch.float32),
+                                  reason="oneDNN's linear is used on x86-64 CPU builds with mkldnn only")
+
+
+def _linears(runner: backend.TorchRunner) -> tuple[int, int]:
+    """(plain nn.Linear, PackedLinear) modules in the runner's transformer."""
+    modules = list(runner.model[0].model.modules())
+    return (sum(type(m) is torch.nn.Linear for m in modules), sum(isinstance(m, backend.PackedLinear) for m in modules))
+
+
+@needs_onednn
+@pytest.mark.parametrize("trace", [True, False])
+def test_prepacked_linears_give_encode_and_predict(model_dirs, st_model, ce_model, trace):
+    """Every linear of both kinds' transformers reordered once for oneDNN: the rows stay encode's and the scores
+    predict's (float32, to 1e-5) on lengths both sides of the local window, and a traced pass is still one call."""
+    runner = _runner(model_dirs, "embedding", trace, prepack=True)
+    assert runner.prepacked > 0 and _linears(runner) == (0, runner.prepacked) and runner.traced is trace
+    ids = [st_model.tokenizer(t)["input_ids"] for t in _texts()]
+    want = st_model.encode(_texts(), batch_size=len(ids), normalize_embeddings=False)
+    np.testing.assert_allclose(runner.run(ids), want, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(runner.run(ids[:1]), want[:1], rtol=0, atol=1e-5)
+    if trace:
+        assert torch_ops_called_from_python(lambda: runner.run(ids[:3])) == []
+    reranker = _runner(model_dirs, "rerank", trace, prepack=True)
+    assert reranker.prepacked > 0 and _linears(reranker) == (0, reranker.prepacked)  # the head's linears too
+    pairs = [("東京の天気は？", t) for t in _texts()]
+    ids = [ce_model.tokenizer(*pair)["input_ids"] for pair in pairs]
+    scores = backend.activation(ce_model)(reranker.run(ids))
+    np.testing.assert_allclose(scores, ce_model.predict(pairs, batch_size=len(pairs)), rtol=0, atol=1e-5)
+
+
+@needs_onednn
+def test_prepacked_bfloat16_keeps_the_plain_bfloat16_rows(model_dirs, st_model):
+    packed = _runner(model_dirs, "embedding", True, torch.bfloat16, prepack=True)
+    plain = _runner(model_dirs, "embedding", True, torch.bfloat16)
+    assert packed.prepacked > 0 and plain.prepacked == 0
+    ids = [st_model.tokenizer(t)["input_ids"] for t in _texts()]
+    a, b = packed.run(ids), plain.run(ids)
+    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cosine.min() >= 0.99999
+
+
+@needs_onednn
+def test_prepacked_linears_that_change_the_rows_are_put_back(model_dirs, st_model, monkeypatch, caplog):
+    """An injected fault in the packed linear: the check at load puts the plain modules back, the model serves
+    encode's rows, and the log says why."""
+    real = backend.PackedLinear.forward
+    monkeypatch.setattr(backend.PackedLinear, "forward", lambda self, x: real(self, x) * 1.01)
+    with caplog.at_level(logging.WARNING, logger="embedapi.backends.pytorch"):
+        runner = _runner(model_dirs, "embedding", True, prepack=True)
+    assert runner.prepacked == 0 and _linears(runner)[1] == 0 and "linear weights not prepacked" in caplog.text
+    ids = [st_model.tokenizer(t)["input_ids"] for t in _texts(3)]
+    np.testing.assert_allclose(runner.run(ids), st_model.encode(_texts(3), normalize_embeddings=False),
+                               rtol=0, atol=1e-6)
+
+
+@needs_onednn
+def test_the_app_prepacks_torch_models_unless_told_not_to(models_file):
+    for prepack in (True, False):
+        app = create_app({"models_file": str(models_file), "load_models": "sync", "backend": "torch",
+                          "prepack": prepack})
+        try:
+            models = app.extensions["embedapi"].registry.models
+            assert all(bool(models[m].engine.runner.prepacked) is prepack for m in (EMBED, RERANK))
+        finally:
+            app.extensions["embedapi"].registry.shutdown()
+
+
 @pytest.mark.parametrize("device", ["cuda:0", "mps"])
 def test_tracing_is_for_cpu_only(device):
     """GPU passes stay eager: their traced numerics are untested here (no GPU on the test machine)."""
     assert backend.TorchRunner.trace_on(device, True) is False
     assert backend.TorchRunner.trace_on("cpu", True) is True
     assert backend.TorchRunner.trace_on("cpu", False) is False
+
+
+def test_prepacking_bounds_torchs_onednn_caches_unless_the_environment_sets_them():
+    """A prepacked linear leaves a oneDNN primitive per input shape in two caches (ideep's per thread, oneDNN's);
+    at their default of 1024 the soak's workers grew by hundreds of MB. A user's value wins."""
+    env: dict[str, str] = {}
+    assert backend.bound_onednn_caches(env) == ["LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY"]
+    assert env == {"LRU_CACHE_CAPACITY": "32", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "32"}
+    env = {"DNNL_PRIMITIVE_CACHE_CAPACITY": "1024", "LRU_CACHE_CAPACITY": "8"}
+    assert backend.bound_onednn_caches(env) == []
+    assert env == {"DNNL_PRIMITIVE_CACHE_CAPACITY": "1024", "LRU_CACHE_CAPACITY": "8"}

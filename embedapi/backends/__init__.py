@@ -51,7 +51,7 @@ def choose(requested: str, device: str, dtype_name: str, model_id: str) -> str:
 
 
 def load_runner(spec: ModelSpec, device: str, requested: str, *, trace: bool, threads: int, streams: int,
-                cache_root: str | None, openvino_max_tokens: int = 0) -> Loaded:
+                cache_root: str | None, openvino_max_tokens: int = 0, prepack: bool = False) -> Loaded:
     """Load `spec` and build its runner on the backend `choose` picks. `auto` falls back to torch (the reason
     logged) when OpenVINO is missing or its conversion fails the parity check; an explicit `openvino` raises
     ConfigError instead, as serving other vectors than asked for would be a silent surprise.
@@ -59,7 +59,8 @@ def load_runner(spec: ModelSpec, device: str, requested: str, *, trace: bool, th
     With `openvino_max_tokens` > 0, batches wider than that run on an eager torch runner of the float32 model the
     conversion loaded (its weights stay on the model file's mapping, so no second copy is held), under bfloat16
     autocast when the serving dtype is bfloat16; with 0 every batch runs on OpenVINO and the torch transformer is
-    freed."""
+    freed. With `prepack`, a CPU torch runner's linear weights are reordered once for oneDNN
+    (pytorch.prepack_linears)."""
     dtype = pytorch.pick_dtype(spec.dtype, device, spec.kind)  # from this device's own capability
     name = pytorch.dtype_name(dtype)
     picked = choose(requested, device, name, spec.id)
@@ -97,5 +98,5 @@ def load_runner(spec: ModelSpec, device: str, requested: str, *, trace: bool, th
                               "use backend = \"auto\" or \"torch\"")
         log.warning("%s: serving on torch, not OpenVINO: %s", spec.id, note)
     model = pytorch.load(spec, device, dtype, pytorch.pick_attention(device, dtype))
-    runner = pytorch.TorchRunner(model, device, dtype, spec.kind, trace=trace)
+    runner = pytorch.TorchRunner(model, device, dtype, spec.kind, trace=trace, prepack=prepack)
     return Loaded(runner, model, dtype, pytorch.attention_of(model), "torch", note)

@@ -19,7 +19,7 @@ import os
 import shutil
 import threading
 import warnings
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, MutableMapping, Sequence
 
 # libgomp's idle threads spin after every parallel region and starve the request threads sharing the cores
 # (several times slower under load; docs/benchmarks.md). It reads this once, when torch loads: set before the
@@ -267,6 +267,85 @@ def contiguous_activations(model: torch.nn.Module) -> int:
     return wrapped
 
 
+# oneDNN's linear on a weight reordered once into its blocked layout, as TorchScript (a traced pass stays one
+# C++ call): `F.linear` reorders the weight on every call. Its `scalars` argument is typed `Scalar?[]`, which
+# torch.jit.trace cannot record from Python, hence the compiled source.
+_PACKED_SOURCE = """
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    scalars: List[Optional[Union[int, float, complex]]] = []
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", scalars, "")
+"""
+_packed_unit: Any = None
+
+
+def _packed_linear() -> Any:
+    global _packed_unit
+    if _packed_unit is None:
+        _packed_unit = torch.jit.CompilationUnit(_PACKED_SOURCE)
+    return _packed_unit.packed_linear
+
+
+class PackedLinear(torch.nn.Module):
+    """`nn.Linear` with its weight reordered once at load for oneDNN (`mkldnn._reorder_linear_weight`), so a
+    pass no longer reorders it on every call: the same rows (bit for bit in bfloat16 on the machines measured),
+    faster most at small batches (docs/benchmarks.md)."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
+        self._linear = _packed_linear()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._linear(x, self.weight, self.bias)
+
+
+# A prepacked linear is a oneDNN primitive per input shape, kept in two caches of torch's oneDNN: ideep's, one per
+# calling thread (LRU_CACHE_CAPACITY, 1024 by default), and oneDNN's own (ONEDNN_PRIMITIVE_CACHE_CAPACITY, 1024).
+# At those defaults a worker meeting many batch shapes grew without end: tests/test_soak.py +419-497 MiB in 60 s
+# (unpacked +27-32); with both at 128 +86-106, at 32 +9-43 at the unpacked path's speed (docs/benchmarks.md).
+# Both are read once, at torch's first primitive; a value in the environment wins.
+ONEDNN_CACHE_ENTRIES = 32
+_TORCH_ONEDNN_CACHE_VARS = (("LRU_CACHE_CAPACITY",), ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY"))
+
+
+def bound_onednn_caches(env: MutableMapping[str, str] = os.environ) -> list[str]:
+    """Set each of torch's oneDNN cache capacities the environment leaves unset to ONEDNN_CACHE_ENTRIES; return
+    the variables set. They are the process's: they bind only if torch has not made a primitive yet (a worker
+    loads its models first), and OpenVINO's plugin reads the oneDNN one too (openvino_runner.bound_onednn_cache)."""
+    set_now = []
+    for names in _TORCH_ONEDNN_CACHE_VARS:
+        if not any(n in env for n in names):
+            env[names[0]] = str(ONEDNN_CACHE_ENTRIES)
+            set_now.append(names[0])
+    return set_now
+
+
+def prepack_available(dtype: torch.dtype) -> bool:
+    """oneDNN's linear can serve `dtype` here: an x86-64 CPU build with mkldnn (measured there only)."""
+    import platform
+    return dtype in (torch.float32, torch.bfloat16) and platform.machine().lower() in ("x86_64", "amd64") \
+        and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def prepack_linears(module: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.nn.Linear]]:
+    """Replace every `nn.Linear` under `module` by a PackedLinear; return (parent, name, original) of each, for
+    `unpack_linears`."""
+    swapped = []
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear:  # not subclasses (quantized, LoRA, ...): their forward differs
+                setattr(parent, name, PackedLinear(child))
+                swapped.append((parent, name, child))
+    return swapped
+
+
+def unpack_linears(swapped: list[tuple[torch.nn.Module, str, torch.nn.Linear]]) -> None:
+    for parent, name, original in swapped:
+        setattr(parent, name, original)
+
+
 class _Positional(torch.nn.Module):
     """A Hugging Face model called with positional tensors, returning one tensor: what tracing takes."""
 
@@ -392,7 +471,7 @@ class TorchRunner:
     cache: str | None = None  # no conversion cache (the OpenVINO runner's "hit" / "built" / "rebuilt")
 
     def __init__(self, model: Any, device: str, dtype: torch.dtype, kind: str, trace: bool = False,
-                 autocast: torch.dtype | None = None) -> None:
+                 autocast: torch.dtype | None = None, prepack: bool = False) -> None:
         # Loaded in `dtype` already (load()); cast only what is not, so float32 buffers (rotary) stay as
         # sentence-transformers keeps them with model_kwargs={"dtype": ...}.
         self.model = model if _dtype_of(model) == dtype else model.to(dtype)
@@ -419,6 +498,13 @@ class TorchRunner:
         self._whole = False  # the trace is the whole model: it returns the rows
         if self.device.type == "cpu" and dtype != torch.float32:
             contiguous_activations(self.model)  # not float32: measured slower there in the server
+        # With `prepack` (CPU, no autocast: a packed weight is not cast), the transformer's linear weights are
+        # reordered once for oneDNN, kept only if the rows stay those of the model as loaded. Off for the OpenVINO
+        # converter's reference runner: the exporter must see plain modules.
+        self.prepacked = 0
+        if prepack and self.device.type == "cpu" and autocast is None and prepack_available(dtype):
+            bound_onednn_caches()
+            self.prepacked = self._prepack()
         if self.trace_on(device, trace) and autocast is None:
             self._trace()
 
@@ -460,6 +546,33 @@ class TorchRunner:
         for module in self._tail:
             features = module(features)
         return features[self.output_key]
+
+    def _prepack(self) -> int:
+        """Swap the first module's linears for PackedLinear; keep them if the model's rows on batches around and
+        past the local window stay within float32's tolerance of the plain model (bfloat16: the trace's check),
+        else put the originals back (logged). Returns how many were swapped."""
+        hf_model = getattr(self.model[0], "model", None)
+        if not isinstance(hf_model, torch.nn.Module):
+            return 0
+        names = input_names(hf_model, self.token_types)
+        batches = [self._example_batch(rows, min(width, self.max_seq_length), names)
+                   for rows, width in ((1, 5), (3, 150))]
+        swapped: list[tuple[torch.nn.Module, str, torch.nn.Linear]] = []
+        atol, rtol = (1e-5, 1e-4) if self.dtype == torch.float32 else (1e-4, 1e-3)
+        try:
+            with torch.inference_mode():
+                want = [self._forward(dict(b), None).float() for b in batches]
+                swapped = prepack_linears(hf_model)
+                for batch, expected in zip(batches, want):
+                    got = self._forward(dict(batch), None).float()
+                    if got.shape != expected.shape or not torch.allclose(got, expected, rtol=rtol, atol=atol):
+                        diff = (got - expected).abs().max().item() if got.shape == expected.shape else "shape"
+                        raise ValueError(f"rows differ from the plain model's by {diff}")
+        except Exception as exc:  # the plain model is always correct
+            unpack_linears(swapped)
+            log.warning("linear weights not prepacked (%s: %s)", type(exc).__name__, exc)
+            return 0
+        return len(swapped)
 
     # -- tracing ---------------------------------------------------------------------------
     def _trace(self) -> None:
