@@ -55,10 +55,11 @@ def _build(root: Path, name: str, kind: str, shape: dict[str, int]) -> Path:
     return path
 
 
-def _runner(path: Path, kind: str, backend: str, dtype: str, threads: int, streams: int, cache: Path) -> object:
+def _runner(path: Path, kind: str, backend: str, dtype: str, threads: int, streams: int, cache: Path,
+            prepack: bool = False) -> object:
     spec = ModelSpec(id=path.name, source=str(path), kind=kind, dtype=dtype)
     loaded = backends.load_runner(spec, "cpu", backend, trace=True, threads=threads, streams=streams,
-                                  cache_root=str(cache))
+                                  cache_root=str(cache), prepack=prepack)
     assert loaded.backend == backend, loaded.note
     return loaded.runner
 
@@ -97,10 +98,12 @@ def forward_table(root: Path, cache: Path, seconds: float, quick: bool) -> None:
     print(f"forward alone, ruri-v3-30m shape, texts/s ({os.cpu_count()} CPUs, {seconds:g}s per cell)\n")
     print("| backend | dtype | tokens | batch | 1 pass, 1 thread | 1 pass, 2 threads | 2 passes x 1 thread |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    for backend in ("torch", "openvino"):
+    # "torch prepacked": the server's default torch runner (EMBEDAPI_PREPACK); "torch": with EMBEDAPI_PREPACK=0
+    for backend in ("torch", "torch prepacked", "openvino"):
         for dtype in dtypes:
-            if backend == "torch":  # torch threads are per calling thread: one runner serves every column
-                one = two = lanes = _runner(path, "embedding", backend, dtype, 0, 1, cache)
+            if backend.startswith("torch"):  # torch threads are per calling thread: one runner serves every column
+                one = two = lanes = _runner(path, "embedding", "torch", dtype, 0, 1, cache,
+                                            prepack=backend == "torch prepacked")
             else:  # OpenVINO threads belong to the compiled model: one per column, as the registry compiles it
                 one = _runner(path, "embedding", backend, dtype, 1, 1, cache)
                 two = _runner(path, "embedding", backend, dtype, 2, 1, cache)

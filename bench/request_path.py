@@ -223,9 +223,13 @@ def forward_ceiling(model_dir: Path, tok: Any, texts: list[str], dtype: str, env
     settings = Settings.from_env({**os.environ, **env})
     spec = ModelSpec(id="ceiling", source=str(model_dir), kind="embedding", dtype=dtype)
     # streams: OpenVINO's, one per pass the default worker may run at once (2 lanes and the query lane)
+    before = dict(os.environ)
     loaded = backends.load_runner(spec, "cpu", settings.backend, trace=settings.trace, threads=bm.TORCH_THREADS,
-                                  streams=3, cache_root=settings.conversion_cache_root,
+                                  streams=3, cache_root=settings.conversion_cache_root, prepack=settings.prepack,
                                   openvino_max_tokens=settings.openvino_max_tokens)
+    # the oneDNN cache bounds a load sets (pytorch.bound_onednn_caches) are the server's to set, not its children's
+    os.environ.clear()
+    os.environ.update(before)
     out = {}
     for bs in batches:
         ids = [tok(t)["input_ids"] for t in texts[:bs]]
