@@ -182,6 +182,19 @@ def test_prepacked_linears_that_change_the_rows_are_put_back(model_dirs, st_mode
 
 
 @needs_onednn
+def test_large_float32_models_keep_their_shared_weights(model_dirs, monkeypatch, caplog):
+    """A float32 model computes on the model file's pages, shared by the workers: past PREPACK_FLOAT32_MAX_BYTES
+    of linear weights (the 310m shapes) it is not packed into each worker's own memory; bfloat16 still is."""
+    monkeypatch.setattr(backend, "PREPACK_FLOAT32_MAX_BYTES", 1024)
+    with caplog.at_level(logging.INFO, logger="embedapi.backends.pytorch"):
+        runner = _runner(model_dirs, "embedding", True, prepack=True)
+    assert runner.prepacked == 0 and _linears(runner)[0] > 0 and _linears(runner)[1] == 0
+    assert "linear weights not prepacked: in float32 they stay the model file's shared pages" in caplog.text
+    if backend.prepack_available(torch.bfloat16):
+        assert _runner(model_dirs, "embedding", True, torch.bfloat16, prepack=True).prepacked > 0
+
+
+@needs_onednn
 def test_the_app_prepacks_torch_models_unless_told_not_to(models_file):
     for prepack in (True, False):
         app = create_app({"models_file": str(models_file), "load_models": "sync", "backend": "torch",

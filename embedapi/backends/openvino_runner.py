@@ -387,13 +387,7 @@ def bound_onednn_cache(env: MutableMapping[str, str] = os.environ) -> bool:
     return True
 
 
-def trim_heap() -> None:
-    """Give the heap's free memory back to the system (glibc's malloc_trim; elsewhere a no-op): an export
-    leaves ~100+ MB free but mapped, which pytorch.tune_malloc's high trim threshold would otherwise keep."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+trim_heap = pytorch.trim_heap  # an export leaves ~100+ MB of the heap free but mapped
 
 
 _MADV_DONTNEED = 4  # Linux's value (asm-generic/mman-common.h)
