@@ -304,7 +304,7 @@ class PackedLinear(torch.nn.Module):
 # A prepacked linear is a oneDNN primitive per input shape, kept in two caches of torch's oneDNN: ideep's, one per
 # calling thread (LRU_CACHE_CAPACITY, 1024 by default), and oneDNN's own (ONEDNN_PRIMITIVE_CACHE_CAPACITY, 1024).
 # At those defaults a worker meeting many batch shapes grew without end: tests/test_soak.py +419-497 MiB in 60 s
-# (unpacked +27-32); with both at 128 +86-106, at 32 +9-43 at the unpacked path's speed (docs/benchmarks.md).
+# (unpacked +27-32); with both at 128 +86-106, at 32 +9-49 at the unpacked path's speed (docs/benchmarks.md).
 # Both are read once, at torch's first primitive; a value in the environment wins.
 ONEDNN_CACHE_ENTRIES = 32
 _TORCH_ONEDNN_CACHE_VARS = (("LRU_CACHE_CAPACITY",), ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY"))
@@ -519,7 +519,6 @@ class TorchRunner:
         # converter's reference runner: the exporter must see plain modules.
         self.prepacked = 0
         if prepack and self.device.type == "cpu" and autocast is None and prepack_available(dtype):
-            bound_onednn_caches()
             self.prepacked = self._prepack()
         if self.trace_on(device, trace) and autocast is None:
             self._trace()
@@ -582,6 +581,7 @@ class TorchRunner:
                          "(%d MiB; a packed copy would be each worker's own memory above %d MiB)",
                          size >> 20, PREPACK_FLOAT32_MAX_BYTES >> 20)
                 return 0
+        bound_onednn_caches()  # before the first packed primitive
         atol, rtol = (1e-5, 1e-4) if self.dtype == torch.float32 else (1e-4, 1e-3)
         try:
             with torch.inference_mode():
