@@ -2,7 +2,7 @@
 """The server on each CPU backend (issue 16): start-up with and without the conversion cache, worker RSS,
 and one bulk request on the 310m shape against raw float32 `SentenceTransformer.encode`.
 
-For each backend (torch, openvino) it starts the real server (1 worker, defaults) on the 30m shape with
+For each configuration (torch, torch with EMBEDAPI_PREPACK=0, openvino) it starts the real server (1 worker, defaults) on the 30m shape with
 an empty conversion cache, then again with the cache that start left, and reports the wall time from
 starting Gunicorn to /ready and the worker's RSS once ready. Then, on the 310m shape, one request of
 `--texts` texts of ~300 tokens per backend, against raw float32 encode (bs 32) of the same texts.
@@ -31,7 +31,10 @@ from fairness import cpu_name  # noqa: E402
 
 import torch  # noqa: E402
 
-BACKENDS = ("torch", "openvino")
+# (label, backend, extra server environment): torch as it serves by default (linear weights prepacked), torch with
+# EMBEDAPI_PREPACK=0 (plain nn.Linear), OpenVINO
+CONFIGS = (("torch", "torch", {}), ("torch unpacked", "torch", {"EMBEDAPI_PREPACK": "0"}),
+           ("openvino", "openvino", {}))
 
 
 def start(toml: Path, backend: str, cache: Path, **env: str) -> tuple[object, float, str]:
@@ -60,12 +63,12 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="embedapi-bs-") as tmp:
         toml = bm.models_toml(paths, "ruri-v3-30m", None, "auto")
-        for backend in BACKENDS:
-            cache = Path(tmp) / f"cache-{backend}"
+        for name, backend, env in CONFIGS:
+            cache = Path(tmp) / f"cache-{name.replace(' ', '-')}"
             for label in ("empty cache", "cached"):
-                server, seconds, rss = start(toml, backend, cache)
+                server, seconds, rss = start(toml, backend, cache, **env)
                 server.stop()
-                rows.append((f"30m shape, {backend}, {label}: start to ready / worker RSS", f"{seconds:.1f} s / "
+                rows.append((f"30m shape, {name}, {label}: start to ready / worker RSS", f"{seconds:.1f} s / "
                              f"{rss}"))
         toml.unlink()
         if not args.no_310m:
@@ -81,9 +84,9 @@ def main() -> int:
                          f"{raw:.1f} s ({args.texts / raw:.2f} texts/s)"))
             toml = bm.models_toml(paths, "embed-310m", None, "auto")
             payload = bm.body({"model": "bench/embed", "input": texts})
-            for backend in BACKENDS:
+            for name, backend, env in CONFIGS:
                 # ~300-token texts: within EMBEDAPI_OPENVINO_MAX_TOKENS' default (512), so OpenVINO runs them
-                server, seconds, rss = start(toml, backend, Path(tmp) / f"cache310-{backend}")
+                server, seconds, rss = start(toml, backend, Path(tmp) / f"cache310-{name.replace(' ', '-')}", **env)
                 try:
                     conn = bm.Conn(server.port)
                     conn.post("/v1/embeddings", bm.body({"model": "bench/embed", "input": texts[:2]}))
@@ -94,7 +97,7 @@ def main() -> int:
                             f"(anonymous {after.get('RssAnon', 0) / 2**20:.0f})")
                 finally:
                     server.stop()
-                rows.append((f"310m shape: the server ({backend}, dtype auto), one request of the same texts",
+                rows.append((f"310m shape: the server ({name}, dtype auto), one request of the same texts",
                              f"{took:.1f} s = {raw / took:.2f}x raw float32; start {seconds:.0f} s, RSS {rss}"))
             toml.unlink()
     print("| measurement | figure |\n|---|---|")
