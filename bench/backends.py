@@ -98,12 +98,12 @@ def forward_table(root: Path, cache: Path, seconds: float, quick: bool) -> None:
     print(f"forward alone, ruri-v3-30m shape, texts/s ({os.cpu_count()} CPUs, {seconds:g}s per cell)\n")
     print("| backend | dtype | tokens | batch | 1 pass, 1 thread | 1 pass, 2 threads | 2 passes x 1 thread |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    # "torch prepacked": the server's default torch runner (EMBEDAPI_PREPACK); "torch": with EMBEDAPI_PREPACK=0
-    for backend in ("torch", "torch prepacked", "openvino"):
+    # "torch": the server's default torch runner (linear weights prepacked); "torch unpacked": EMBEDAPI_PREPACK=0
+    for backend in ("torch unpacked", "torch", "openvino"):
         for dtype in dtypes:
             if backend.startswith("torch"):  # torch threads are per calling thread: one runner serves every column
                 one = two = lanes = _runner(path, "embedding", "torch", dtype, 0, 1, cache,
-                                            prepack=backend == "torch prepacked")
+                                            prepack=backend == "torch")
             else:  # OpenVINO threads belong to the compiled model: one per column, as the registry compiles it
                 one = _runner(path, "embedding", backend, dtype, 1, 1, cache)
                 two = _runner(path, "embedding", backend, dtype, 2, 1, cache)

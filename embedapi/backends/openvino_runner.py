@@ -61,7 +61,7 @@ PASS_TOKENS = 512
 # (RUNTIME_CACHE_SHAPES) still keeps the recent shapes' executors. oneDNN reads the variable once, when the
 # plugin first makes a primitive; a value in the environment wins (docs/backends.md).
 ONEDNN_CACHE_PRIMITIVES = 128
-_ONEDNN_CACHE_VARS = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY")
+_ONEDNN_CACHE_VARS = pytorch.ONEDNN_CACHE_VARS
 _SKIP_DIRS = {"onnx", "openvino"}  # exports shipped with a hub repo: not what is converted here
 
 # The IR that an embedding model's bfloat16 compiles from: the same graph with its weights stored in float16. From
@@ -381,10 +381,7 @@ class NotConverted(Exception):
 def bound_onednn_cache(env: MutableMapping[str, str] = os.environ) -> bool:
     """Set oneDNN's primitive cache capacity to ONEDNN_CACHE_PRIMITIVES unless the environment sets it. The
     variable is the process's: torch's own oneDNN also reads it if it has not made a primitive yet."""
-    if any(v in env for v in _ONEDNN_CACHE_VARS):
-        return False
-    env[_ONEDNN_CACHE_VARS[0]] = str(ONEDNN_CACHE_PRIMITIVES)
-    return True
+    return pytorch.default_env(_ONEDNN_CACHE_VARS, ONEDNN_CACHE_PRIMITIVES, env)
 
 
 trim_heap = pytorch.trim_heap  # an export leaves ~100+ MB of the heap free but mapped

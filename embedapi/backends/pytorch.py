@@ -304,22 +304,27 @@ class PackedLinear(torch.nn.Module):
 # A prepacked linear is a oneDNN primitive per input shape, kept in two caches of torch's oneDNN: ideep's, one per
 # calling thread (LRU_CACHE_CAPACITY, 1024 by default), and oneDNN's own (ONEDNN_PRIMITIVE_CACHE_CAPACITY, 1024).
 # At those defaults a worker meeting many batch shapes grew without end: tests/test_soak.py +419-497 MiB in 60 s
-# (unpacked +27-32); with both at 128 +86-106, at 32 +9-49 at the unpacked path's speed (docs/benchmarks.md).
+# (unpacked +27-32); with both at 128 +86-106, at 32 +9-49 with the soak's throughput unchanged (docs/benchmarks.md).
 # Both are read once, at torch's first primitive; a value in the environment wins.
 ONEDNN_CACHE_ENTRIES = 32
-_TORCH_ONEDNN_CACHE_VARS = (("LRU_CACHE_CAPACITY",), ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY"))
+ONEDNN_CACHE_VARS = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY")  # oneDNN's, old name 2nd
+IDEEP_CACHE_VARS = ("LRU_CACHE_CAPACITY",)
+
+
+def default_env(names: Sequence[str], value: int, env: MutableMapping[str, str]) -> bool:
+    """Set names[0] to `value` unless the environment sets one of `names` (a user's value wins); whether set."""
+    if any(n in env for n in names):
+        return False
+    env[names[0]] = str(value)
+    return True
 
 
 def bound_onednn_caches(env: MutableMapping[str, str] = os.environ) -> list[str]:
     """Set each of torch's oneDNN cache capacities the environment leaves unset to ONEDNN_CACHE_ENTRIES; return
     the variables set. They are the process's: they bind only if torch has not made a primitive yet (a worker
     loads its models first), and OpenVINO's plugin reads the oneDNN one too (openvino_runner.bound_onednn_cache)."""
-    set_now = []
-    for names in _TORCH_ONEDNN_CACHE_VARS:
-        if not any(n in env for n in names):
-            env[names[0]] = str(ONEDNN_CACHE_ENTRIES)
-            set_now.append(names[0])
-    return set_now
+    return [names[0] for names in (IDEEP_CACHE_VARS, ONEDNN_CACHE_VARS)
+            if default_env(names, ONEDNN_CACHE_ENTRIES, env)]
 
 
 def trim_heap() -> None:
@@ -569,10 +574,6 @@ class TorchRunner:
         hf_model = getattr(self.model[0], "model", None)
         if not isinstance(hf_model, torch.nn.Module):
             return 0
-        names = input_names(hf_model, self.token_types)
-        batches = [self._example_batch(rows, min(width, self.max_seq_length), names)
-                   for rows, width in ((1, 5), (3, 150))]
-        swapped: list[tuple[torch.nn.Module, str, torch.nn.Linear]] = []
         if self.dtype == torch.float32:
             size = sum(m.weight.numel() * m.weight.element_size() for m in hf_model.modules()
                        if type(m) is torch.nn.Linear)
@@ -582,6 +583,10 @@ class TorchRunner:
                          size >> 20, PREPACK_FLOAT32_MAX_BYTES >> 20)
                 return 0
         bound_onednn_caches()  # before the first packed primitive
+        names = input_names(hf_model, self.token_types)
+        batches = [self._example_batch(rows, min(width, self.max_seq_length), names)
+                   for rows, width in ((1, 5), (3, 150))]
+        swapped: list[tuple[torch.nn.Module, str, torch.nn.Linear]] = []
         atol, rtol = (1e-5, 1e-4) if self.dtype == torch.float32 else (1e-4, 1e-3)
         try:
             with torch.inference_mode():
